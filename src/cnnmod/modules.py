@@ -1,0 +1,199 @@
+"""Parents and modules: a module is the parent with a keep-mask per site and a 2-output head."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import CnnmodError
+from .inputs import InputSpec
+from .trace import Site, TracedModel, trace_model, with_taps
+
+
+@dataclass(frozen=True)
+class Parent:
+    """A trained classifier, traced and BatchNorm-folded, with its class names and input spec."""
+
+    model: TracedModel
+    classes: tuple[str, ...]
+    input_spec: InputSpec
+    arch: str = "custom"
+
+    @classmethod
+    def from_model(cls, model: nn.Module, input_spec: InputSpec, classes: Sequence[str],
+                   arch: str = "custom") -> Parent:
+        traced = trace_model(model, (input_spec.channels, *input_spec.size))
+        if traced.head.num_classes != len(classes):
+            raise CnnmodError(
+                f"the model has {traced.head.num_classes} outputs but {len(classes)} class names were given"
+            )
+        return cls(traced, tuple(classes), input_spec, arch)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def class_index(self, name: str) -> int:
+        try:
+            return self.classes.index(name)
+        except ValueError:
+            shown = ", ".join(self.classes[:8]) + (", ..." if len(self.classes) > 8 else "")
+            raise CnnmodError(f"unknown class {name!r}; this parent knows: {shown}") from None
+
+    def fingerprint(self) -> str:
+        """sha256 over the folded weights and graph code: identifies the parent a module belongs to."""
+        h = hashlib.sha256(self.model.graph.code.encode())
+        for name, t in sorted(self.model.graph.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def logits(self, images: np.ndarray, batch_size: int = 256, device: torch.device | str | None = None,
+               progress: bool = False) -> torch.Tensor:
+        device = resolve_device(device)
+        net = copy.deepcopy(self.model.graph).to(device).eval()
+        return _batched(lambda x: net(self.input_spec.prepare(x, device)), images, batch_size, progress, "parent")
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _batched(fn, images: np.ndarray, batch_size: int, progress: bool, desc: str) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    from tqdm.auto import tqdm
+
+    outs = []
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
+            outs.append(fn(images[start:start + batch_size]).float().cpu())
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+class _Repeat(nn.Module):
+    def __init__(self, times: int) -> None:
+        super().__init__()
+        self.times = times
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.repeat(self.times, *([1] * (x.dim() - 1)))
+
+
+class _MaskTap(nn.Module):
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask.unsqueeze(1).float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.mask
+        return (x.unflatten(0, (m.shape[0], -1)) * m).flatten(0, 1)
+
+
+class _MultiHead(nn.Module):
+    """M two-output heads applied to the M stacked copies of the batch; output (B, M, 2)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight.float())
+        self.register_buffer("bias", bias.float())
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        m = self.weight.shape[0]
+        f = features.flatten(1).unflatten(0, (m, -1))
+        return torch.baddbmm(self.bias.unsqueeze(1), f, self.weight.transpose(1, 2)).transpose(0, 1)
+
+
+@dataclass(frozen=True)
+class ModuleSet:
+    """Modules of one parent: masks (M, *site.shape) per site and heads (M, 2, F), (M, 2).
+
+    `class_indices[i]` is the parent class that module i recognises.
+    """
+
+    parent: Parent
+    class_indices: tuple[int, ...]
+    sites: tuple[Site, ...]
+    masks: dict[str, torch.Tensor]
+    head_weight: torch.Tensor
+    head_bias: torch.Tensor
+    config: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.class_indices)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(self.parent.classes[i] for i in self.class_indices)
+
+    def select(self, classes: Sequence[str]) -> ModuleSet:
+        """The modules for these class names, in this order."""
+        names = self.class_names
+        rows = []
+        for c in classes:
+            if c not in names:
+                shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+                raise CnnmodError(f"no module for class {c!r}; modules exist for: {shown}")
+            rows.append(names.index(c))
+        idx = torch.tensor(rows, dtype=torch.long)
+        return ModuleSet(
+            self.parent, tuple(self.class_indices[r] for r in rows), self.sites,
+            {k: v[idx] for k, v in self.masks.items()}, self.head_weight[idx], self.head_bias[idx], self.config,
+        )
+
+    def network(self, device: torch.device | str | None = None) -> nn.Module:
+        """All modules as one network: input (B, C, H, W) -> (B, M, 2), masks stacked, one forward pass."""
+        traced = self.parent.model
+        taps: dict[str, nn.Module] = {}
+        placeholder = next(n for n in traced.graph.graph.nodes if n.op == "placeholder")
+        taps[placeholder.name] = _Repeat(len(self))
+        for site in self.sites:
+            taps[site.name] = _MaskTap(self.masks[site.name])
+        net = with_taps(traced.graph, taps)
+        _replace_head(net, traced.head.node, _MultiHead(self.head_weight, self.head_bias))
+        return net.to(resolve_device(device)).eval()
+
+    def scores(self, images: np.ndarray, scoring: str = "softmax", batch_size: int = 256,
+               device: torch.device | str | None = None, progress: bool = False,
+               chunk: int = 16) -> torch.Tensor:
+        """Each module's score for each image, (N, M): softmax(z_c, z_uc)[0], or z_c for `logit` scoring."""
+        if scoring not in ("softmax", "logit"):
+            raise CnnmodError(f"unknown scoring {scoring!r}; choose softmax or logit")
+        device = resolve_device(device)
+        parts = []
+        for start in range(0, len(self), chunk):
+            names = self.class_names[start:start + chunk]
+            net = self.select(names).network(device)
+            per_batch = max(1, batch_size // len(names))
+            logits = _batched(lambda x, net=net: net(self.parent.input_spec.prepare(x, device)), images,
+                              per_batch, progress, "modules")
+            parts.append(score_from_logits(logits, scoring))
+        return torch.cat(parts, dim=1)
+
+    def jaccard(self) -> torch.Tensor:
+        """Kept nodes over all nodes, over all sites, per module."""
+        kept = sum(self.masks[s.name].flatten(1).sum(1).double() for s in self.sites)
+        total = sum(s.numel for s in self.sites)
+        return (kept / total).float()  # type: ignore[union-attr]
+
+
+def score_from_logits(logits: torch.Tensor, scoring: str) -> torch.Tensor:
+    """(N, M, 2) module outputs -> (N, M) scores."""
+    return logits.softmax(-1)[..., 0] if scoring == "softmax" else logits[..., 0]
+
+
+def _replace_head(gm: fx.GraphModule, head_node: str, new_head: nn.Module) -> None:
+    node = next(n for n in gm.graph.nodes if n.name == head_node)
+    gm.add_submodule("cnnmod_head", new_head)
+    with gm.graph.inserting_after(node):
+        replacement = gm.graph.call_module("cnnmod_head", (node.args[0],))
+    node.replace_all_uses_with(replacement)
+    gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()

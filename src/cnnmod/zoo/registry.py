@@ -1,0 +1,134 @@
+"""Architecture registry in the style of timm: a name maps to a factory and its default input.
+
+Importing this module imports no architecture: the built-in entries import their module the first time a
+model is created.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from cnnmod.errors import ModelError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+ModelFactory = Callable[..., "nn.Module"]
+"""A callable taking keyword arguments ``num_classes`` and ``in_channels`` and returning a fresh model."""
+
+ARCH_ATTRIBUTE = "_cnnmod_arch"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A registered architecture: its default input size (H, W) and channel count."""
+
+    name: str
+    input_size: tuple[int, int]
+    in_channels: int
+    description: str
+    factory: ModelFactory = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class _LazyFactory:
+    """Imports ``module`` and calls ``module.attr(**kwargs, num_classes=..., in_channels=...)``."""
+
+    module: str
+    attr: str
+    kwargs: tuple[tuple[str, Any], ...] = ()
+
+    def __call__(self, *, num_classes: int, in_channels: int) -> nn.Module:
+        build = getattr(importlib.import_module(self.module), self.attr)
+        return build(num_classes=num_classes, in_channels=in_channels, **dict(self.kwargs))  # type: ignore[no-any-return]
+
+
+_REGISTRY: dict[str, ModelInfo] = {}
+
+
+def register(
+    name: str,
+    factory: ModelFactory,
+    input_size: tuple[int, int],
+    in_channels: int,
+    description: str = "",
+    *,
+    overwrite: bool = False,
+) -> ModelInfo:
+    """Add an architecture; ``factory(num_classes=..., in_channels=...)`` must return a new model."""
+    if name in _REGISTRY and not overwrite:
+        raise ModelError(f"architecture '{name}' is already registered; pass overwrite=True to replace it")
+    info = ModelInfo(name, (int(input_size[0]), int(input_size[1])), int(in_channels), description, factory)
+    _REGISTRY[name] = info
+    return info
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered names matching a shell-style pattern, sorted."""
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern))
+
+
+def model_info(name: str) -> ModelInfo:
+    """The registry entry for ``name``; ModelError naming close matches if there is none."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else "see cnnmod.zoo.list_models()"
+        raise ModelError(f"unknown architecture '{name}'; {hint}") from None
+
+
+def create_model(name: str, num_classes: int = 10, in_channels: int | None = None) -> nn.Module:
+    """A freshly initialised model of architecture ``name`` (channels default to the registered ones)."""
+    info = model_info(name)
+    if num_classes < 1:
+        raise ModelError(f"num_classes must be at least 1 for '{name}', got {num_classes}")
+    channels = info.in_channels if in_channels is None else int(in_channels)
+    model = info.factory(num_classes=int(num_classes), in_channels=channels)
+    setattr(model, ARCH_ATTRIBUTE, name)
+    return model
+
+
+def arch_of(model: nn.Module) -> str | None:
+    """The registry name a model was created under by ``create_model``, if any."""
+    arch = getattr(model, ARCH_ATTRIBUTE, None)
+    return arch if isinstance(arch, str) else None
+
+
+def _register_builtins() -> None:
+    resnet = "cnnmod.zoo.resnet"
+    variants = {
+        "": ("A", True, "option-A shortcuts, BatchNorm"),
+        "_b": ("B", True, "option-B (1x1 conv) shortcuts, BatchNorm"),
+        "_nobn": ("A", False, "option-A shortcuts, no BatchNorm"),
+        "_b_nobn": ("B", False, "option-B (1x1 conv) shortcuts, no BatchNorm"),
+    }
+    for suffix, (shortcut, bn, what) in variants.items():
+        for depth in (20, 32, 44, 56):
+            kwargs: tuple[tuple[str, Any], ...] = (
+                ("blocks_per_stage", (depth - 2) // 6), ("shortcut", shortcut), ("batch_norm", bn))
+            register(f"resnet{depth}{suffix}", _LazyFactory(resnet, "CifarResNet", kwargs), (32, 32), 3,
+                     f"CIFAR ResNet-{depth} (He et al. 2016), {what}")
+        kwargs = (("blocks_per_stage", 1), ("widths", (4, 8, 16)), ("shortcut", shortcut), ("batch_norm", bn))
+        register(f"resnet_tiny{suffix}", _LazyFactory(resnet, "CifarResNet", kwargs), (32, 32), 3,
+                 f"tiny CIFAR ResNet for tests (1 block per stage, widths 4/8/16), {what}")
+    small = "cnnmod.zoo.smallcnn"
+    register("smallcnn", _LazyFactory(small, "SmallCNN"), (28, 28), 1,
+             "two conv+BN+ReLU+maxpool stages and a 64-unit hidden layer, for 28x28 grey images")
+    tiny_small = (("widths", (4, 8)), ("hidden", 16))
+    register("smallcnn_tiny", _LazyFactory(small, "SmallCNN", tiny_small), (28, 28), 1,
+             "tiny smallcnn for tests (4/8 channels, 16 hidden units)")
+    vgg = "cnnmod.zoo.vgg"
+    register("vgg", _LazyFactory(vgg, "CifarVGG"), (32, 32), 3,
+             "VGG-11-style CIFAR net with halved widths, conv3x3+BN+ReLU, 128-unit hidden layer")
+    register("vgg_tiny", _LazyFactory(vgg, "CifarVGG", (("cfg", (8, "M", 16, "M", 32, "M", 32, "M", 32, "M")),
+                                                        ("hidden", 16))), (32, 32), 3,
+             "tiny VGG-style net for tests")
+
+
+_register_builtins()
