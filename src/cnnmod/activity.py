@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .errors import CnnmodError
 from .inputs import InputSpec
 from .trace import Site, TracedModel, with_taps
 
@@ -40,9 +41,9 @@ def plan_samples(
 ) -> SamplePlan:
     """Draw CI samples for the chosen classes and TI shares from every class, determined by `seed` alone."""
     if samples_per_class < 1:
-        raise ValueError("samples per class must be at least 1")
+        raise CnnmodError("samples per class must be at least 1")
     if tangling_ratio < 0:
-        raise ValueError("the tangling ratio must be 0 or more")
+        raise CnnmodError("the tangling ratio must be 0 or more")
     chosen_set = set(chosen)
     ti_share = 0
     if tangling_ratio > 0 and num_classes > 1:
@@ -60,7 +61,7 @@ def plan_samples(
     idx, grp = np.concatenate(indices), np.concatenate(groups)
     missing = [c for c in chosen if not np.any(grp // 2 == c)]
     if missing:
-        raise ValueError(f"no samples of class index {missing[0]} in the data")
+        raise CnnmodError(f"the data holds no samples of class index {missing[0]}; decompose other classes")
     return SamplePlan(idx, grp, num_classes, tuple(int(c) for c in chosen))
 
 
