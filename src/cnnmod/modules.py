@@ -158,22 +158,25 @@ class ModuleSet:
         _replace_head(net, traced.head.node, _MultiHead(self.head_weight, self.head_bias))
         return net.to(resolve_device(device)).eval()
 
-    def scores(self, images: np.ndarray, scoring: str = "softmax", batch_size: int = 256,
-               device: torch.device | str | None = None, progress: bool = False,
-               chunk: int = 16) -> torch.Tensor:
-        """Each module's score for each image, (N, M): softmax(z_c, z_uc)[0], or z_c for `logit` scoring."""
-        if scoring not in ("softmax", "logit"):
-            raise CnnmodError(f"unknown scoring {scoring!r}; choose softmax or logit")
+    def logits(self, images: np.ndarray, batch_size: int = 256, device: torch.device | str | None = None,
+               progress: bool = False, chunk: int = 16) -> torch.Tensor:
+        """Raw (z_c, z_uc) of every module for every image, (N, M, 2); modules run `chunk` at a time."""
         device = resolve_device(device)
         parts = []
         for start in range(0, len(self), chunk):
             names = self.class_names[start:start + chunk]
             net = self.select(names).network(device)
             per_batch = max(1, batch_size // len(names))
-            logits = _batched(lambda x, net=net: net(self.parent.input_spec.prepare(x, device)), images,
-                              per_batch, progress, "modules")
-            parts.append(score_from_logits(logits, scoring))
+            parts.append(_batched(lambda x, net=net: net(self.parent.input_spec.prepare(x, device)), images,
+                                  per_batch, progress, "modules"))
         return torch.cat(parts, dim=1)
+
+    def scores(self, images: np.ndarray, scoring: str = "softmax", batch_size: int = 256,
+               device: torch.device | str | None = None, progress: bool = False) -> torch.Tensor:
+        """Each module's score for each image, (N, M): softmax(z_c, z_uc)[0], or z_c for `logit` scoring."""
+        if scoring not in ("softmax", "logit"):
+            raise CnnmodError(f"unknown scoring {scoring!r}; choose softmax or logit")
+        return score_from_logits(self.logits(images, batch_size, device, progress), scoring)
 
     def jaccard(self) -> torch.Tensor:
         """Kept nodes over all nodes, over all sites, per module."""

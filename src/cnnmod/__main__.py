@@ -1,0 +1,3 @@
+from cnnmod.cli import main
+
+main()

@@ -1,0 +1,53 @@
+"""`cnnmod demo`: the whole job on the embedded Fashion-MNIST model and images, in under a minute."""
+
+from __future__ import annotations
+
+import time
+from importlib import resources
+from pathlib import Path
+
+import click
+
+from ..data import load_dataset
+from ..decompose import DecomposeConfig, decompose as run_decompose
+from ..evaluate import evaluate as run_evaluate, overlap_matrix
+from ..modules import Parent
+from ..store import save_store
+from ..zoo import load_model_file
+from .app import cli, device_option, emit, json_option, reports_errors
+from .evaluate import format_evaluation, write_evaluation_report
+
+MODEL = "smallcnn-fmnist.safetensors"
+SAMPLE = "fmnist-sample.npz"
+
+
+@cli.command()
+@click.option("--out", "out_dir", default="cnnmod-demo", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Folder for the store and the report.")
+@click.option("--samples-per-class", default=200, show_default=True)
+@device_option
+@json_option
+@reports_errors
+def demo(out_dir: Path, samples_per_class: int, device: str | None, as_json: bool) -> None:
+    """Decompose the embedded Fashion-MNIST CNN, compose its modules, and compare them with it."""
+    assets = resources.files("cnnmod") / "assets"
+    with resources.as_file(assets / MODEL) as model_path, resources.as_file(assets / SAMPLE) as sample_path:
+        model, info = load_model_file(model_path)
+        data = load_dataset(sample_path, format="npz", progress=False)
+    parent = Parent.from_model(model, info.input_spec, info.classes, info.arch)
+    start = time.perf_counter()
+    modules, activity = run_decompose(parent, data.train.images, data.train.labels,
+                                      DecomposeConfig(samples_per_class=samples_per_class), device=device,
+                                      progress=not as_json)
+    seconds = time.perf_counter() - start
+    store = save_store(out_dir / "store", modules, activity, {"model": f"cnnmod/assets/{MODEL}",
+                                                               "data": f"cnnmod/assets/{SAMPLE}",
+                                                               "seconds": seconds}, overwrite=True)
+    result = run_evaluate(modules, data.test.images, data.test.labels, device=device, progress=not as_json)
+    report = write_evaluation_report(out_dir, "embedded Fashion-MNIST CNN", result,
+                                     overlap_matrix(modules).numpy())
+    payload = {**result.to_json(), "store": str(store), "report": str(report), "decompose_seconds": seconds}
+    emit(as_json, payload,
+         f"decomposed {info.arch} into {len(modules)} modules in {seconds:.1f}s "
+         f"({activity.num_samples} training images observed)\n\n{format_evaluation(result)}\n"
+         f"store: {store}\nreport: {report}")

@@ -1,0 +1,77 @@
+"""`cnnmod inspect`: what a store or model holds, or which architectures the zoo has."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .app import cli, emit, json_option, reports_errors
+
+
+@cli.command()
+@click.argument("path", required=False, type=click.Path(exists=True, path_type=Path))
+@click.option("--arch", default=None, help="Architecture of a plain checkpoint.")
+@click.option("--models", "list_zoo", is_flag=True, help="List the zoo's architectures.")
+@json_option
+@reports_errors
+def inspect(path: Path | None, arch: str | None, list_zoo: bool, as_json: bool) -> None:
+    """Describe a store folder, a model file, or (with --models) the zoo."""
+    if list_zoo or path is None:
+        from ..zoo import list_models, model_info
+
+        infos = [model_info(n) for n in list_models()]
+        emit(as_json, {"models": [{"name": i.name, "input_size": list(i.input_size), "in_channels": i.in_channels,
+                                   "description": i.description} for i in infos]},
+             "\n".join(f"{i.name:22s} {i.in_channels}x{i.input_size[0]}x{i.input_size[1]}  {i.description}"
+                       for i in infos))
+        return
+    if path.is_dir():
+        _inspect_store(path, as_json)
+    else:
+        _inspect_model(path, arch, as_json)
+
+
+def _inspect_store(path: Path, as_json: bool) -> None:
+    from ..store import load_store
+
+    store = load_store(path, with_activity=False)
+    m = store.modules
+    sites = [{"name": s.name, "shape": list(s.shape), "nodes": s.numel} for s in m.sites]
+    jaccard = m.jaccard().tolist()
+    payload = {
+        "store": str(path), "arch": m.parent.arch, "parent_classes": list(m.parent.classes),
+        "input_spec": m.parent.input_spec.to_json(), "config": m.config, "sites": sites,
+        "nodes_per_module": sum(s.numel for s in m.sites),
+        "modules": [{"class": c, "jaccard": j} for c, j in zip(m.class_names, jaccard)],
+        "provenance": store.provenance,
+    }
+    lines = [f"store {path}: {len(m)} modules of {m.parent.arch} ({len(m.parent.classes)} classes, input "
+             f"{m.parent.input_spec.channels}x{m.parent.input_spec.size[0]}x{m.parent.input_spec.size[1]})",
+             f"config: {m.config}",
+             f"{len(sites)} {m.sites[0].kind} sites, {payload['nodes_per_module']} nodes per module"]
+    lines += [f"  {c:20s} Jaccard {j:.4f}" for c, j in zip(m.class_names, jaccard)]
+    emit(as_json, payload, "\n".join(lines))
+
+
+def _inspect_model(path: Path, arch: str | None, as_json: bool) -> None:
+    from ..zoo import model_info
+    from .common import open_parent
+
+    classes = tuple(str(i) for i in range(10))
+    if arch:
+        classes = classes  # a plain checkpoint carries no class names; its head size is checked on load
+        model_info(arch)
+    parent = open_parent(path, arch, classes, None)
+    model = parent.model
+    payload = {
+        "model": str(path), "arch": parent.arch, "classes": list(parent.classes),
+        "input_spec": parent.input_spec.to_json(),
+        "head": {"node": model.head.node, "features": int(model.head.weight.shape[1])},
+        "sites": {kind: [{"name": s.name, "shape": list(s.shape)} for s in sites] for kind, sites in model.sites.items()},
+    }
+    text = [f"{path}: {parent.arch}, {len(parent.classes)} classes, head {model.head.node} "
+            f"({model.head.weight.shape[1]} features)"]
+    for kind, sites in model.sites.items():
+        text.append(f"{len(sites)} {kind} sites, {sum(s.numel for s in sites)} nodes per sample")
+    emit(as_json, payload, "\n".join(text))

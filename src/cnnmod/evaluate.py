@@ -1,0 +1,126 @@
+"""Evaluate a parent and the classifier composed from its modules on the same images."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from .compose import SCORINGS
+from .errors import CnnmodError
+from .metrics import parameter_counts, precision_recall, topk_accuracy
+from .modules import ModuleSet, score_from_logits
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    top1: float
+    top5: float
+
+
+@dataclass(frozen=True)
+class ModuleReport:
+    cls: str
+    jaccard: float
+    kept_parameters: int
+    precision: float
+    recall: float
+    parent_precision: float
+    parent_recall: float
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Parent and composed accuracy on the same samples, restricted to the modules' classes."""
+
+    samples: int
+    parent: Accuracy
+    composed: dict[str, Accuracy]
+    scoring: str
+    jaccard_mean: float
+    parent_parameters: int
+    modules: tuple[ModuleReport, ...]
+    seconds: dict[str, float]
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["composed_by_scoring"] = d.pop("composed")
+        d["composed"] = d["composed_by_scoring"][self.scoring]
+        d["modules"] = [{("class" if k == "cls" else k): v for k, v in m.items()} for m in d["modules"]]
+        return d
+
+
+def relabel(labels: np.ndarray, data_classes: Sequence[str], module_classes: Sequence[str]) -> np.ndarray:
+    """Map dataset labels to module positions by class name; samples of other classes get -1."""
+    missing = [c for c in module_classes if c not in data_classes]
+    if missing:
+        raise CnnmodError(f"the data has no class {missing[0]!r}; its classes are {', '.join(list(data_classes)[:8])}...")
+    lookup = np.full(len(data_classes), -1, dtype=np.int64)
+    for i, c in enumerate(module_classes):
+        lookup[list(data_classes).index(c)] = i
+    return lookup[labels]
+
+
+def evaluate(
+    modules: ModuleSet,
+    images: np.ndarray,
+    labels: np.ndarray,
+    scoring: str = "softmax",
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    with_parameters: bool = True,
+) -> Evaluation:
+    """`labels[i]` is the position of image i's class among `modules.class_names` (-1: not evaluated)."""
+    if scoring not in SCORINGS:
+        raise CnnmodError(f"unknown scoring {scoring!r}; choose from {', '.join(SCORINGS)}")
+    keep = labels >= 0
+    images, targets = images[keep], torch.as_tensor(labels[keep])
+    if len(targets) == 0:
+        raise CnnmodError("no evaluation samples belong to the modules' classes")
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    columns = torch.tensor(modules.class_indices)
+    parent_logits = modules.parent.logits(images, batch_size, device, progress)[:, columns]
+    seconds["parent"] = time.perf_counter() - start
+    start = time.perf_counter()
+    module_logits = modules.logits(images, batch_size, device, progress)
+    seconds["composed"] = time.perf_counter() - start
+    k = len(modules)
+    parent_pred = parent_logits.argmax(1)
+    composed = {}
+    for name in SCORINGS:
+        scores = score_from_logits(module_logits, name)
+        composed[name] = Accuracy(topk_accuracy(scores, targets, 1), topk_accuracy(scores, targets, 5))
+    pred = score_from_logits(module_logits, scoring).argmax(1)
+    precision, recall = precision_recall(pred, targets, k)
+    parent_precision, parent_recall = precision_recall(parent_pred, targets, k)
+    jaccard = modules.jaccard().tolist()
+    kept = parameter_counts(modules) if with_parameters else None
+    reports = tuple(
+        ModuleReport(modules.class_names[i], jaccard[i], kept.kept[i] if kept else -1, precision[i], recall[i],
+                     parent_precision[i], parent_recall[i])
+        for i in range(k)
+    )
+    return Evaluation(
+        samples=len(targets),
+        parent=Accuracy(topk_accuracy(parent_logits, targets, 1), topk_accuracy(parent_logits, targets, 5)),
+        composed=composed,
+        scoring=scoring,
+        jaccard_mean=float(np.mean(jaccard)),
+        parent_parameters=kept.parent if kept else -1,
+        modules=reports,
+        seconds=seconds,
+    )
+
+
+def overlap_matrix(modules: ModuleSet) -> torch.Tensor:
+    """Jaccard similarity between the kept-node sets of every pair of modules, (M, M)."""
+    flat = torch.cat([modules.masks[s.name].flatten(1) for s in modules.sites], 1).float()
+    inter = flat @ flat.T
+    sizes = flat.sum(1)
+    union = sizes[:, None] + sizes[None, :] - inter
+    return inter / union.clamp(min=1)

@@ -1,0 +1,330 @@
+"""Figures and a Markdown report from plain numbers: per-class accuracy, module overlap, size vs accuracy.
+
+Everything here takes lists or numpy arrays, never tensors, so reports can be rebuilt from saved JSON.
+Plots draw on a `matplotlib.figure.Figure` with the Agg canvas directly: no pyplot, no backend switch, no
+global figure state, so a caller that already uses pyplot interactively is left as it was. Accuracies come
+in as fractions in [0, 1] (what `cnnmod.metrics` returns) and are drawn as percentages.
+
+Every file is written to a temporary file in its destination folder and renamed into place, so a failed
+write never leaves a half-written figure or report behind.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from cnnmod.errors import StoreError
+
+__all__ = [
+    "markdown_table",
+    "plot_overlap_heatmap",
+    "plot_per_class_accuracy",
+    "plot_tradeoff",
+    "write_report",
+]
+
+_DPI = 120
+_ANNOTATE_MAX_CLASSES = 12
+_TICK_LABELS_MAX_CLASSES = 100  # beyond this, class names overprint each other at any sane figure size
+_MAX_INCHES = 40.0
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, fsync it and rename it onto `path`.
+
+    The parent folder is created if missing; any OSError becomes one-line StoreError and leaves no temp file.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise StoreError(f"cannot write {path}: {e.strerror or e}") from e
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise StoreError(f"cannot write {path}: {e.strerror or e}") from e
+        raise
+
+
+def _save_figure(fig: Figure, path: Path | str) -> Path:
+    """Render `fig` to PNG in memory, then write it atomically; the figure is cleared either way."""
+    path = Path(path)
+    try:
+        canvas = FigureCanvasAgg(fig)
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        canvas.print_png(buffer)
+    finally:
+        fig.clear()
+    _atomic_write(path, buffer.getvalue())
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def _fractions(name: str, values: Sequence[float] | np.ndarray, length: int | None = None) -> np.ndarray:
+    """`values` as a float array of fractions in [0, 1] (NaN allowed: an empty class has no accuracy)."""
+    array = np.asarray(values, dtype=float)
+    if length is not None and array.shape != (length,):
+        raise ValueError(
+            f"{name} has shape {array.shape} but there are {length} classes; pass one value per class"
+        )
+    finite = array[~np.isnan(array)]
+    if finite.size and (finite.min() < 0.0 or finite.max() > 1.0):
+        bad = finite[(finite < 0.0) | (finite > 1.0)][0]
+        raise ValueError(f"{name} holds {bad:g}; pass fractions in [0, 1], not percentages")
+    return array
+
+
+def _scaled(per_item: float, count: int, base: float, low: float) -> float:
+    """A figure dimension in inches that grows with `count` items, clamped to a readable range."""
+    return float(min(max(base + per_item * count, low), _MAX_INCHES))
+
+
+def _tick_font(count: int) -> float:
+    return 10.0 if count <= 20 else 8.0 if count <= 50 else 6.0
+
+
+# ---------------------------------------------------------------------------------------------- plots
+
+
+def plot_per_class_accuracy(
+    path: Path | str,
+    classes: Sequence[str],
+    parent_recall: Sequence[float] | np.ndarray,
+    composed_recall: Sequence[float] | np.ndarray,
+    title: str = "",
+) -> Path:
+    """Grouped bars of each class's recall under the parent and under the composed classifier; returns `path`.
+
+    Recalls are fractions in [0, 1]; a NaN (class absent from the test set) draws no bar.
+    """
+    n = len(classes)
+    if n == 0:
+        raise ValueError("no classes to plot; pass at least one class name")
+    parent = _fractions("parent_recall", parent_recall, n) * 100.0
+    composed = _fractions("composed_recall", composed_recall, n) * 100.0
+
+    fig = Figure(figsize=(_scaled(0.45, n, 2.0, 6.0), 4.5 if n <= 10 else 5.5), dpi=_DPI)
+    ax = fig.add_subplot()
+    x = np.arange(n)
+    width = 0.4
+    ax.bar(x - width / 2, parent, width, label="parent", color="#4c72b0")
+    ax.bar(x + width / 2, composed, width, label="composed", color="#dd8452")
+    ax.set_xlim(-0.6, n - 0.4)
+    ax.set_ylim(0.0, 105.0)
+    ax.set_ylabel("per-class accuracy (recall, %)")
+    ax.set_xlabel("class")
+    if n <= _TICK_LABELS_MAX_CLASSES:
+        rotation, align = (0, "center") if n <= 6 else (45, "right") if n <= 20 else (90, "center")
+        ax.set_xticks(x, [str(c) for c in classes], rotation=rotation, ha=align, fontsize=_tick_font(n))
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.legend(loc="lower right")
+    if title:
+        ax.set_title(title)
+    return _save_figure(fig, path)
+
+
+def plot_overlap_heatmap(
+    path: Path | str, classes: Sequence[str], overlap: np.ndarray | Sequence[Sequence[float]], title: str = ""
+) -> Path:
+    """Heatmap of the (classes x classes) Jaccard overlap between modules' kept-node sets; returns `path`.
+
+    Values must lie in [0, 1] (NaN allowed); cells carry their value when there are at most 12 classes.
+    """
+    n = len(classes)
+    if n == 0:
+        raise ValueError("no classes to plot; pass at least one class name")
+    matrix = np.asarray(overlap, dtype=float)
+    if matrix.shape != (n, n):
+        raise ValueError(
+            f"overlap has shape {matrix.shape} but there are {n} classes; pass an ({n}, {n}) matrix"
+        )
+    _fractions("overlap", matrix.reshape(-1))
+
+    side = _scaled(0.4, n, 2.5, 4.5)
+    fig = Figure(figsize=(side + 1.2, side), dpi=_DPI)  # extra width for the colorbar
+    ax = fig.add_subplot()
+    image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="Jaccard overlap")
+    if n <= _TICK_LABELS_MAX_CLASSES:
+        names = [str(c) for c in classes]
+        font = _tick_font(n)
+        ax.set_xticks(np.arange(n), names, rotation=0 if n <= 6 else 90, fontsize=font)
+        ax.set_yticks(np.arange(n), names, fontsize=font)
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if n <= _ANNOTATE_MAX_CLASSES:
+        for (i, j), value in np.ndenumerate(matrix):
+            if math.isnan(value):
+                continue
+            # viridis is dark below ~0.6: white text there, black above.
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=9,
+                    color="white" if value < 0.6 else "black")
+    ax.set_xlabel("module")
+    ax.set_ylabel("module")
+    if title:
+        ax.set_title(title)
+    return _save_figure(fig, path)
+
+
+_TRADEOFF_KEYS = ("granularity", "rho", "jaccard", "top1")
+
+
+def plot_tradeoff(path: Path | str, rows: Sequence[Mapping[str, Any]], title: str = "") -> Path:
+    """Composed top-1 (%) against mean module size (mean Jaccard index / kept-node fraction); returns `path`.
+
+    Each row is one decomposition: "granularity" (str), "rho" (float), "jaccard" (fraction in [0, 1]),
+    "top1" (composed top-1, fraction) and optionally "parent_top1" (fraction). One line per granularity, in
+    order of first appearance, points sorted by Jaccard index and labelled with rho; the parent's top-1 is a
+    dashed horizontal line. Rows that disagree on "parent_top1" raise ValueError: one plot, one parent.
+    """
+    if not rows:
+        raise ValueError("no rows to plot; pass at least one decomposition result")
+    groups: dict[str, list[tuple[float, float, float]]] = {}
+    parents: set[float] = set()
+    for i, row in enumerate(rows):
+        missing = [key for key in _TRADEOFF_KEYS if key not in row]
+        if missing:
+            needed = ", ".join(_TRADEOFF_KEYS)
+            raise ValueError(f"row {i} lacks {', '.join(missing)}; each row needs {needed}")
+        rho = float(row["rho"])
+        jaccard, top1 = _fractions(f"row {i} jaccard/top1", [row["jaccard"], row["top1"]])
+        groups.setdefault(str(row["granularity"]), []).append((float(jaccard), float(top1) * 100.0, rho))
+        if row.get("parent_top1") is not None:
+            parents.add(float(_fractions(f"row {i} parent_top1", [row["parent_top1"]])[0]))
+    if len(parents) > 1:
+        raise ValueError(
+            f"rows disagree on parent_top1 ({', '.join(f'{p:g}' for p in sorted(parents))}); "
+            "plot results of one parent model at a time"
+        )
+
+    fig = Figure(figsize=(7.0, 5.0), dpi=_DPI)
+    ax = fig.add_subplot()
+    for granularity, points in groups.items():
+        points.sort()
+        xs, ys, _ = zip(*points, strict=True)
+        (line,) = ax.plot(xs, ys, marker="o", label=granularity)
+        for x, y, rho in points:
+            ax.annotate(f"ρ={rho:g}", (x, y), xytext=(4, 4), textcoords="offset points", fontsize=8,
+                        color=line.get_color())
+    if parents:
+        ax.axhline(parents.pop() * 100.0, linestyle="--", color="0.3", label="parent")
+    ax.margins(x=0.08)  # room for the rho labels at the ends
+    ax.set_xlabel("mean Jaccard index (kept-node fraction)")
+    ax.set_ylabel("composed top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(title="granularity")
+    if title:
+        ax.set_title(title)
+    return _save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------- markdown
+
+
+def _format_float(value: float) -> str:
+    """Four significant digits; positional for everyday magnitudes, scientific for tiny or huge ones."""
+    if not math.isfinite(value):
+        return str(value)  # nan, inf, -inf
+    if value == 0.0 or 1e-4 <= abs(value) < 1e6:
+        return np.format_float_positional(value, precision=4, unique=True, fractional=False, trim="-")
+    return f"{value:.4g}"
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, float | np.floating):
+        text = _format_float(float(value))
+    else:
+        text = str(value)
+    return text.replace("\r\n", " ").replace("\n", " ").replace("|", "\\|")
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub-flavoured Markdown table, ending in a newline.
+
+    Floats (Python or numpy) get four significant digits (0.93124 -> "0.9312", 123.456 -> "123.5"); strings
+    are kept as given, other values go through str(). Pipes are escaped and newlines become spaces.
+    """
+    if not headers:
+        raise ValueError("a table needs at least one header")
+    width = len(headers)
+    lines = [
+        "| " + " | ".join(_cell(h) for h in headers) + " |",
+        "|" + "|".join(" --- " for _ in headers) + "|",
+    ]
+    for i, row in enumerate(rows):
+        if len(row) != width:
+            raise ValueError(
+                f"row {i} has {len(row)} cells but there are {width} headers; pass one cell per header"
+            )
+        lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _image_link(image: Path, folder: Path) -> str:
+    try:
+        target = Path(os.path.relpath(image.resolve(), folder.resolve())).as_posix()
+    except ValueError:  # different drive on Windows: no relative path exists
+        target = image.resolve().as_posix()
+    if any(c in target for c in " ()<>"):
+        target = f"<{target}>"
+    return target
+
+
+def write_report(
+    path: Path | str,
+    title: str,
+    sections: Sequence[tuple[str, str]],
+    images: Sequence[tuple[str, Path | str]] = (),
+) -> Path:
+    """Write a Markdown report atomically and return `path`.
+
+    Layout: "# title", then each (heading, Markdown body) as a "## heading" section in the order given, then a
+    "## Figures" section embedding each (caption, image) as "![caption](link)", the link relative to the
+    report's folder. Images must exist already (write the plots first), so the report never links to nothing.
+    """
+    path = Path(path)
+    parts = [f"# {_one_line(title)}\n"]
+    for heading, body in sections:
+        parts.append(f"## {_one_line(heading)}\n\n{body.strip()}\n")
+    if images:
+        figures = ["## Figures\n"]
+        for caption, image in images:
+            image = Path(image)
+            if not image.is_file():
+                raise ValueError(f"image {image} does not exist; write the plot before the report")
+            alt = _one_line(caption).replace("[", "\\[").replace("]", "\\]")
+            figures.append(f"![{alt}]({_image_link(image, path.parent)})\n")
+        parts.append("\n".join(figures))
+    _atomic_write(path, "\n".join(parts).encode("utf-8"))
+    return path
