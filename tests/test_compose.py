@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from fixtures.nets import DenseNet, GapConvNet, RandomConvNet, parent_of
 
 from cnnmod.compose import compose
 from cnnmod.decompose import DecomposeConfig, channel_heads, decompose
 from cnnmod.errors import CnnmodError
 from cnnmod.metrics import parameter_counts, precision_recall, topk_accuracy
 from cnnmod.modules import ModuleSet, Parent
+from fixtures.nets import DenseNet, GapConvNet, RandomConvNet, parent_of
 
 # ---------------------------------------------------------------------------------------------------------
 # Masked forward
@@ -54,7 +54,8 @@ def test_module_network_is_the_masked_parent_with_a_two_row_head() -> None:
             expected = by_hand(net, x, masks, modules.head_weight[m], modules.head_bias[m])
             assert torch.allclose(out[:, m], expected, atol=1e-6)
         # the masks matter: an all-kept module is the parent with channeled head, which differs here
-        full = by_hand(net, x, [torch.ones(()) for _ in range(3)], modules.head_weight[0], modules.head_bias[0])
+        ones = [torch.ones(()) for _ in range(3)]
+        full = by_hand(net, x, ones, modules.head_weight[0], modules.head_bias[0])
         assert not torch.allclose(out[:, 0], full, atol=1e-3)
 
 
@@ -76,8 +77,10 @@ def test_scores_are_softmax_or_logit_of_the_network_output() -> None:
     images = np.random.default_rng(0).normal(size=(9, 1, 6, 6)).astype(np.float32)
     with torch.no_grad():
         out = modules.network()(torch.from_numpy(images))
-    soft = modules.scores(images, "softmax", batch_size=4, chunk=3)
+    logits = modules.logits(images, batch_size=4, chunk=3)  # modules run 3 at a time, 1 image per batch
+    soft = modules.scores(images, "softmax", batch_size=4)
     logit = modules.scores(images, "logit")
+    assert torch.allclose(logits, out, atol=1e-6)
     assert soft.shape == logit.shape == (9, 4)
     assert torch.allclose(soft, out.softmax(-1)[..., 0], atol=1e-6)
     assert torch.allclose(logit, out[..., 0], atol=1e-6)
@@ -218,3 +221,56 @@ def test_parameter_counts_with_a_masked_conv_channel() -> None:
     counts = parameter_counts(modules)
     assert counts.parent == 67
     assert counts.kept == [36, 64]
+
+
+def test_parameter_counts_parent_total_and_masking_a_channel_saves_its_weights() -> None:
+    # The part of the count that does not involve the input layer: parent total 67 (see above), and masking
+    # a's channel 1 saves at least conv2's 2 x 9 weights reading it.
+    parent = parent_of(GapConvNet(), (4, 4))
+    sites = parent.model.sites["relu"]
+    masks = {s.name: torch.ones(2, *s.shape, dtype=torch.bool) for s in sites}
+    masks[sites[0].name][0, 1] = False
+    w, b = channel_heads(parent.model.head.weight, parent.model.head.bias, [0, 1])
+    counts = parameter_counts(ModuleSet(parent, (0, 1), sites, masks, w, b))
+    assert counts.parent == 67
+    assert counts.kept[1] - counts.kept[0] >= 18
+    assert all(k <= counts.parent for k in counts.kept)
+
+
+def test_module_network_with_a_functional_linear_head() -> None:
+    class FunctionalHead(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 3)
+            self.w = torch.nn.Parameter(torch.arange(6.0).view(2, 3) / 6)
+            self.b = torch.nn.Parameter(torch.tensor([0.5, -0.5]))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.linear(F.relu(self.fc(x.flatten(1))), self.w, self.b)
+
+    torch.manual_seed(0)
+    net = FunctionalHead().eval()
+    parent = parent_of(net, (1, 3))
+    x = torch.randn(4, 1, 1, 3, generator=torch.Generator().manual_seed(0))
+    masks = torch.tensor([[True, False, True], [False, True, True]])
+    w, b = channel_heads(parent.model.head.weight, parent.model.head.bias, [0, 1])
+    modules = ModuleSet(parent, (0, 1), parent.model.sites["relu"], {"relu": masks}, w, b)
+    with torch.no_grad():
+        out = modules.network()(x)
+        h = F.relu(net.fc(x.flatten(1)))
+        for m in range(2):
+            assert torch.allclose(out[:, m], (h * masks[m]) @ w[m].T + b[m], atol=1e-6)
+
+
+def test_duplicate_class_names_are_refused_or_each_module_scores_as_itself() -> None:
+    try:
+        parent = parent_of(DenseNet(classes=3), (1, 5), classes=["a", "a", "b"])
+    except CnnmodError:
+        return  # refusing duplicate names is fine
+    site = parent.model.sites["relu"][0]
+    w, b = channel_heads(parent.model.head.weight, parent.model.head.bias, [0, 1, 2])
+    modules = ModuleSet(parent, (0, 1, 2), (site,), {site.name: torch.ones(3, 5, dtype=torch.bool)}, w, b)
+    x = torch.randn(2, 1, 1, 5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = modules.network()(x)[..., 0]
+    assert torch.allclose(modules.scores(x.numpy(), "logit"), expected, atol=1e-6)

@@ -9,6 +9,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
+from cnnmod.decompose import DecomposeConfig, channel_heads, decompose, derive_modules, keep_masks, observe
+from cnnmod.errors import CnnmodError
+from cnnmod.inputs import InputSpec
+from cnnmod.modules import Parent
 from fixtures.nets import (
     ChannelNet,
     ConvDense,
@@ -24,11 +29,6 @@ from fixtures.nets import (
     all_kept,
     parent_of,
 )
-
-from cnnmod.decompose import DecomposeConfig, channel_heads, decompose, derive_modules, keep_masks, observe
-from cnnmod.errors import CnnmodError
-from cnnmod.inputs import InputSpec
-from cnnmod.modules import Parent
 
 
 def grid(*rows: str) -> torch.Tensor:

@@ -1,15 +1,16 @@
-"""Tracing a parent: BatchNorm folding is exact, ReLU sites are found in every form, unsupported models are refused."""
+"""Tracing a parent: BatchNorm folding is exact, ReLU sites are found in every form, unsupported models are
+refused with a TraceError that names the problem."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from fixtures.nets import parent_of, plain_spec
 from torch import nn
 
 from cnnmod.errors import CnnmodError, TraceError
 from cnnmod.modules import Parent
+from fixtures.nets import parent_of, plain_spec
 
 
 def _randomise_bn(bn: nn.Module, seed: int) -> None:
@@ -143,9 +144,6 @@ class StatementRelu(nn.Module):
         return self.head(x.flatten(1))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: trace._make_relus_out_of_place turns a statement-form in-place "
-                   "ReLU (`x.relu_()`, `F.relu_(x)`, result unused) into an out-of-place relu whose result "
-                   "nobody uses, so the traced parent silently drops the ReLU and differs from the eager model")
 def test_statement_form_inplace_relu_keeps_its_effect() -> None:
     torch.manual_seed(0)
     model = StatementRelu().eval()

@@ -144,6 +144,8 @@ def backtrack(
             need[n.name] = mask
 
     for node in reversed(list(gm.graph.nodes)):
+        if node.op == "placeholder" and node.name in need:
+            result[node.name] = need[node.name]
         if node.op in ("output", "placeholder", "get_attr") or node.name == model.head.node:
             continue
         inputs = [a for a in node.all_input_nodes if tracked(a)]

@@ -29,6 +29,8 @@ class Parent:
     @classmethod
     def from_model(cls, model: nn.Module, input_spec: InputSpec, classes: Sequence[str],
                    arch: str = "custom") -> Parent:
+        if len(set(classes)) != len(classes):
+            raise CnnmodError("class names must be unique")
         traced = trace_model(model, (input_spec.channels, *input_spec.size))
         if traced.head.num_classes != len(classes):
             raise CnnmodError(
@@ -91,8 +93,8 @@ class _MaskTap(nn.Module):
         self.register_buffer("mask", mask.unsqueeze(1).float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.mask
-        return (x.unflatten(0, (m.shape[0], -1)) * m).flatten(0, 1)
+        x.unflatten(0, (self.mask.shape[0], -1)).mul_(self.mask)
+        return x
 
 
 class _MultiHead(nn.Module):

@@ -119,18 +119,27 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...]) -> TracedModel:
 
 
 def _make_relus_out_of_place(gm: fx.GraphModule) -> None:
-    for node in gm.graph.nodes:
+    """Rewrite in-place ReLUs out of place; later readers of the mutated tensor read the ReLU's output."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in list(gm.graph.nodes):
+        inplace = False
         if node.op == "call_module":
             mod = gm.get_submodule(str(node.target))
             if isinstance(mod, nn.ReLU):
-                mod.inplace = False
+                inplace, mod.inplace = mod.inplace, False
         elif node.op == "call_function" and node.target in (torch.relu_, F.relu_):
-            node.target = torch.relu
+            inplace, node.target = True, torch.relu
         elif node.op == "call_function" and node.target is F.relu:
+            inplace = bool(node.kwargs.get("inplace", False)) or (len(node.args) > 1 and bool(node.args[1]))
             node.kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
             node.args = node.args[:1]
         elif node.op == "call_method" and node.target == "relu_":
-            node.target = "relu"
+            inplace, node.target = True, "relu"
+        source = node.args[0] if node.args else None
+        if inplace and isinstance(source, fx.Node):
+            for user in list(source.users):
+                if user is not node and order[user] > order[node]:
+                    user.replace_input_with(source, node)
 
 
 def fold_batchnorm(gm: fx.GraphModule) -> None:
