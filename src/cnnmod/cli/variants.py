@@ -1,0 +1,52 @@
+"""`cnnmod variants`: the paper's Table 1 for one model (ci, bln, bi x relu, conv sites x both scorings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..decompose import DecomposeConfig
+from ..evaluate import relabel
+from ..variants import compare_variants
+from .app import cli, device_option, emit, json_option, reports_errors
+from .common import data_options, open_dataset, open_parent
+
+
+@cli.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--arch", default=None, help="Zoo architecture of a plain checkpoint.")
+@data_options
+@click.option("--samples-per-class", default=1000, show_default=True)
+@click.option("--tangling-ratio", default=1.0, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--limit", type=int, default=None, help="Evaluate on the first N test images only.")
+@click.option("--batch-size", default=256, show_default=True)
+@click.option("--input-size", type=int, default=None)
+@device_option
+@json_option
+@reports_errors
+def variants(model: Path, arch: str | None, data_path: Path, data_format: str | None, classes: str | None,
+             samples_per_class: int, tangling_ratio: float, seed: int, limit: int | None, batch_size: int,
+             input_size: int | None, device: str | None, as_json: bool) -> None:
+    """Decompose MODEL with every variant and site kind and compare each composition with the parent."""
+    from ..report import markdown_table
+
+    data = open_dataset(data_path, data_format, None, as_json)
+    parent = open_parent(model, arch, data.classes, input_size)
+    train_labels = relabel(data.train.labels, data.train.classes, parent.classes)
+    test_labels = relabel(data.test.labels, data.test.classes, parent.classes)
+    keep = test_labels >= 0
+    test_images, test_labels = data.test.images[keep][:limit], test_labels[keep][:limit]
+    config = DecomposeConfig(samples_per_class=samples_per_class, tangling_ratio=tangling_ratio, seed=seed)
+    rows = compare_variants(parent, (data.train.images[train_labels >= 0], train_labels[train_labels >= 0]),
+                            (test_images, test_labels), config, batch_size=batch_size, device=device,
+                            progress=not as_json)
+    table = markdown_table(
+        ["sites", "variant", "parent top-1", "parent top-5", "softmax top-1", "softmax top-5", "logit top-1",
+         "logit top-5", "mean Jaccard"],
+        [[r["sites"], r["variant"], r["parent_top1"], r["parent_top5"], r["softmax_top1"], r["softmax_top5"],
+          r["logit_top1"], r["logit_top5"], r["jaccard"]] for r in rows],
+    )
+    emit(as_json, {"model": str(model), "arch": parent.arch, "test_images": len(test_labels), "rows": rows},
+         f"{parent.arch} on {len(test_labels)} test images\n\n{table}")
