@@ -203,4 +203,4 @@ def _contributions(
         return {a: alive.view(-1, *([1] * (len(values[a.name].shape) - 1))).expand(values[a.name].shape).clone()
                 for a in inputs}
     return {a: (g != 0) if g is not None else torch.zeros(values[a.name].shape, dtype=torch.bool)
-            for a, g in zip(inputs, grads)}
+            for a, g in zip(inputs, grads, strict=True)}

@@ -72,7 +72,8 @@ def observe(
         raise CnnmodError(f"labels must lie in [0, {parent.num_classes}) to match the parent's classes")
     plan = plan_samples(labels, parent.num_classes, chosen, config.samples_per_class,
                         config.tangling_ratio, config.seed)
-    return record_activity(parent.model, config.sites, images, plan, parent.input_spec, batch_size, device, progress)
+    return record_activity(parent.model, config.sites, images, plan, parent.input_spec, batch_size, device,
+                           progress)
 
 
 def keep_masks(activity: Activity, rho: float, granularity: str, use_tangling: bool) -> dict[str, torch.Tensor]:
@@ -103,7 +104,8 @@ def _per_channel(counts: torch.Tensor) -> torch.Tensor:
     return counts.flatten(2).sum(2)
 
 
-def channel_heads(weight: torch.Tensor, bias: torch.Tensor, classes: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def channel_heads(weight: torch.Tensor, bias: torch.Tensor,
+                  classes: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Output channeling: (Kc, 2, F) and (Kc, 2) heads; row 0 concerned, row 1 the mean of the others."""
     k = weight.shape[0]
     idx = torch.tensor(list(classes), dtype=torch.long)

@@ -57,7 +57,8 @@ def relabel(labels: np.ndarray, data_classes: Sequence[str], module_classes: Seq
     """Map dataset labels to module positions by class name; samples of other classes get -1."""
     missing = [c for c in module_classes if c not in data_classes]
     if missing:
-        raise CnnmodError(f"the data has no class {missing[0]!r}; its classes are {', '.join(list(data_classes)[:8])}...")
+        shown = ", ".join(list(data_classes)[:8])
+        raise CnnmodError(f"the data has no class {missing[0]!r}; its classes are {shown}...")
     lookup = np.full(len(data_classes), -1, dtype=np.int64)
     for i, c in enumerate(module_classes):
         lookup[list(data_classes).index(c)] = i

@@ -23,8 +23,16 @@ import torch
 
 from . import __version__
 from .activity import Activity
+from .compose import ComposedClassifier, compose
 from .errors import StoreError
-from .fileio import atomic_save_safetensors, atomic_write_text, load_safetensors, pack_bits, sha256_file, unpack_bits
+from .fileio import (
+    atomic_save_safetensors,
+    atomic_write_text,
+    load_safetensors,
+    pack_bits,
+    sha256_file,
+    unpack_bits,
+)
 from .graphio import load_graph, save_graph
 from .inputs import InputSpec
 from .modules import ModuleSet, Parent
@@ -54,17 +62,22 @@ def save_store(path: Path | str, modules: ModuleSet, activity: Activity | None =
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         _write(tmp, modules, activity, provenance or {})
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        _swap_into_place(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _swap_into_place(tmp: Path, path: Path) -> None:
+    """Rename a finished folder into place; an existing one is moved aside first and removed after."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
 
 
 def _write(folder: Path, modules: ModuleSet, activity: Activity | None, provenance: dict[str, Any]) -> None:
@@ -167,7 +180,8 @@ def load_store(path: Path | str, with_activity: bool = True) -> Store:
             activity = Activity(sites, {s.name: tensors[f"counts.{s.name}"] for s in sites},
                                 tensors["group_sizes"], tuple(int(c) for c in tensors["chosen"].tolist()))
     except (KeyError, TypeError, ValueError, IndexError) as e:
-        raise StoreError(f"{path}: manifest and files disagree ({type(e).__name__}: {e}); the store is damaged") from None
+        raise StoreError(f"{path}: manifest and files disagree ({type(e).__name__}: {e}); the store is damaged") \
+            from None
     if not weights:
         raise StoreError(f"{path} holds no modules")
     modules = ModuleSet(parent, tuple(indices), sites, {k: torch.stack(v) for k, v in masks.items()},
@@ -179,3 +193,53 @@ def store_files(path: Path | str) -> dict[str, str]:
     """sha256 of every file of a store, for reports."""
     path = Path(path)
     return {str(p.relative_to(path)): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+COMPOSITION_FORMAT = "cnnmod.composition"
+
+
+def save_composition(path: Path | str, composed: ComposedClassifier, overwrite: bool = False) -> Path:
+    """A composed classifier as a folder: one store per parent group (its modules only) and the labels."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise StoreError(f"{path} exists; choose another --out or pass --overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        groups, offset = [], 0
+        for i, group in enumerate(composed.groups):
+            _write_group(tmp / f"group{i}", group)
+            groups.append({"store": f"group{i}", "labels": list(composed.labels[offset:offset + len(group)])})
+            offset += len(group)
+        manifest = {"format": COMPOSITION_FORMAT, "version": VERSION, "cnnmod_version": __version__,
+                    "scoring": composed.scoring, "groups": groups}
+        atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2))
+        _swap_into_place(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _write_group(folder: Path, modules: ModuleSet) -> None:
+    folder.mkdir()
+    _write(folder, modules, None, {})
+
+
+def load_composition(path: Path | str) -> ComposedClassifier:
+    """Load a folder written by `save_composition`, or a plain store (all its modules, labelled by class)."""
+    path = Path(path)
+    file = path / "manifest.json"
+    try:
+        manifest = json.loads(file.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("format") != COMPOSITION_FORMAT:
+        return compose([load_store(path, with_activity=False).modules])
+    try:
+        groups, labels = [], []
+        for entry in manifest["groups"]:
+            groups.append(load_store(path / entry["store"], with_activity=False).modules)
+            labels.extend(entry["labels"])
+        return compose(groups, labels, manifest["scoring"])
+    except (KeyError, TypeError) as e:
+        raise StoreError(f"{file} lacks or garbles a field ({e}); the composition is damaged") from None

@@ -21,7 +21,7 @@ def compare_variants(
     parent: Parent,
     train: tuple[np.ndarray, np.ndarray],
     test: tuple[np.ndarray, np.ndarray],
-    base: DecomposeConfig = DecomposeConfig(),
+    base: DecomposeConfig | None = None,
     sites: Sequence[str] = SITE_KINDS,
     variants: Sequence[str] = VARIANTS,
     batch_size: int = 256,
@@ -33,6 +33,7 @@ def compare_variants(
     One observation pass per site kind serves all variants; module sets identical to one already evaluated
     (same masks and heads) reuse its outputs.
     """
+    base = base or DecomposeConfig()
     images, labels = test
     targets = torch.as_tensor(labels)
     parent_logits = parent.logits(images, batch_size, device, progress)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from ..decompose import GRANULARITIES, VARIANTS, DecomposeConfig, decompose as run_decompose
+from ..decompose import GRANULARITIES, VARIANTS, DecomposeConfig
+from ..decompose import decompose as run_decompose
 from ..evaluate import relabel
 from ..store import save_store
 from .app import cli, device_option, emit, json_option, reports_errors, split_classes
@@ -20,7 +21,8 @@ from .common import data_options, open_dataset, open_parent
 @data_options
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Store folder to write.")
 @click.option("--samples-per-class", default=1000, show_default=True, help="Training inputs observed per class (CI).")
-@click.option("--tangling-ratio", default=1.0, show_default=True, help="Other-class inputs per CI input (TI); 0 disables.")
+@click.option("--tangling-ratio", default=1.0, show_default=True,
+              help="Other-class inputs per CI input (TI); 0 disables.")
 @click.option("--rho", default=0.0, show_default=True, help="Keep a node if its activity rate exceeds this.")
 @click.option("--granularity", type=click.Choice(GRANULARITIES), default="node", show_default=True)
 @click.option("--variant", type=click.Choice(VARIANTS), default="bi", show_default=True,
@@ -57,7 +59,8 @@ def decompose(model: Path, arch: str | None, data_path: Path, data_format: str |
     emit(as_json,
          {"store": str(out), "classes": list(modules.class_names), "config": config.to_json(),
           "samples_observed": activity.num_samples, "seconds": seconds,
-          "jaccard_mean": float(jaccard.mean()), "jaccard": dict(zip(modules.class_names, jaccard.tolist()))},
+          "jaccard_mean": float(jaccard.mean()),
+          "jaccard": dict(zip(modules.class_names, jaccard.tolist(), strict=True))},
          f"wrote {out}: {len(modules)} modules of {parent.arch} from {activity.num_samples} samples in "
          f"{seconds:.1f}s; mean Jaccard index {float(jaccard.mean()):.4f}")
 

@@ -9,8 +9,10 @@ from pathlib import Path
 import click
 
 from ..data import load_dataset
-from ..decompose import DecomposeConfig, decompose as run_decompose
-from ..evaluate import evaluate as run_evaluate, overlap_matrix
+from ..decompose import DecomposeConfig
+from ..decompose import decompose as run_decompose
+from ..evaluate import evaluate as run_evaluate
+from ..evaluate import overlap_matrix
 from ..modules import Parent
 from ..store import save_store
 from ..zoo import load_model_file

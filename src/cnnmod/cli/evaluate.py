@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from ..compose import SCORINGS
-from ..evaluate import Evaluation, evaluate as run_evaluate, overlap_matrix, relabel
+from ..evaluate import Evaluation, overlap_matrix, relabel
+from ..evaluate import evaluate as run_evaluate
 from ..store import load_store
 from .app import cli, device_option, emit, json_option, reports_errors, split_classes
 from .common import data_options, open_dataset

@@ -43,14 +43,14 @@ def _inspect_store(path: Path, as_json: bool) -> None:
         "store": str(path), "arch": m.parent.arch, "parent_classes": list(m.parent.classes),
         "input_spec": m.parent.input_spec.to_json(), "config": m.config, "sites": sites,
         "nodes_per_module": sum(s.numel for s in m.sites),
-        "modules": [{"class": c, "jaccard": j} for c, j in zip(m.class_names, jaccard)],
+        "modules": [{"class": c, "jaccard": j} for c, j in zip(m.class_names, jaccard, strict=True)],
         "provenance": store.provenance,
     }
     lines = [f"store {path}: {len(m)} modules of {m.parent.arch} ({len(m.parent.classes)} classes, input "
              f"{m.parent.input_spec.channels}x{m.parent.input_spec.size[0]}x{m.parent.input_spec.size[1]})",
              f"config: {m.config}",
              f"{len(sites)} {m.sites[0].kind} sites, {payload['nodes_per_module']} nodes per module"]
-    lines += [f"  {c:20s} Jaccard {j:.4f}" for c, j in zip(m.class_names, jaccard)]
+    lines += [f"  {c:20s} Jaccard {j:.4f}" for c, j in zip(m.class_names, jaccard, strict=True)]
     emit(as_json, payload, "\n".join(lines))
 
 
@@ -68,7 +68,8 @@ def _inspect_model(path: Path, arch: str | None, as_json: bool) -> None:
         "model": str(path), "arch": parent.arch, "classes": list(parent.classes),
         "input_spec": parent.input_spec.to_json(),
         "head": {"node": model.head.node, "features": int(model.head.weight.shape[1])},
-        "sites": {kind: [{"name": s.name, "shape": list(s.shape)} for s in sites] for kind, sites in model.sites.items()},
+        "sites": {kind: [{"name": s.name, "shape": list(s.shape)} for s in sites]
+                  for kind, sites in model.sites.items()},
     }
     text = [f"{path}: {parent.arch}, {len(parent.classes)} classes, head {model.head.node} "
             f"({model.head.weight.shape[1]} features)"]
