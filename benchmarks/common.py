@@ -23,7 +23,8 @@ def resnet20_and_cifar10():  # type: ignore[no-untyped-def]
     return Parent.from_model(model, InputSpec.default((32, 32), 3), data.classes, "resnet20"), data
 
 
-def side_by_side(baseline: Callable[[], object], candidate: Callable[[], object], repeats: int = 3) -> tuple[float, float]:
+def side_by_side(baseline: Callable[[], object], candidate: Callable[[], object],
+                 repeats: int = 3) -> tuple[float, float]:
     """Median seconds of each, runs interleaved (baseline, candidate, baseline, ...) after one warm-up of each."""
     baseline()
     candidate()

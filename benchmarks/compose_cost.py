@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-from cnnmod.decompose import DecomposeConfig, decompose
-
 from common import resnet20_and_cifar10, side_by_side
+
+from cnnmod.decompose import DecomposeConfig, decompose
 
 
 def main() -> None:

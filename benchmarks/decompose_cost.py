@@ -9,11 +9,10 @@ from __future__ import annotations
 import argparse
 
 import torch
+from common import resnet20_and_cifar10, side_by_side
 
 from cnnmod.activity import plan_samples
 from cnnmod.decompose import DecomposeConfig, decompose
-
-from common import resnet20_and_cifar10, side_by_side
 
 
 def main() -> None:
