@@ -52,3 +52,36 @@ def compose(groups: Sequence[ModuleSet], labels: Sequence[str] | None = None,
     if clashes:
         raise CnnmodError(f"label {clashes[0]!r} is used by more than one module; map labels explicitly")
     return ComposedClassifier(groups, chosen, scoring)
+
+
+
+def replace(composed: ComposedClassifier, label: str, modules: ModuleSet,
+            new_label: str | None = None) -> ComposedClassifier:
+    """A new classifier where the module voting for `label` is swapped for `modules` (exactly one module, from
+    any parent or dataset), which votes for `new_label` (default: `label`). The new module's label comes last."""
+    if len(modules) != 1:
+        raise CnnmodError(f"replace takes exactly one module, got {len(modules)}")
+    groups, labels = _without(composed, label)
+    return compose([*groups, modules], [*labels, new_label or label], composed.scoring)
+
+
+def removed(composed: ComposedClassifier, label: str) -> ComposedClassifier:
+    """A new classifier without the module voting for `label`."""
+    groups, labels = _without(composed, label)
+    if not groups:
+        raise CnnmodError(f"removing {label!r} would leave no modules")
+    return ComposedClassifier(tuple(groups), tuple(labels), composed.scoring)
+
+
+def _without(composed: ComposedClassifier, label: str) -> tuple[list[ModuleSet], list[str]]:
+    if label not in composed.labels:
+        raise CnnmodError(f"no module votes for {label!r}; labels are {', '.join(composed.labels)}")
+    groups, labels, offset = [], [], 0
+    for group in composed.groups:
+        own = composed.labels[offset:offset + len(group)]
+        offset += len(group)
+        keep = [(name, lab) for name, lab in zip(group.class_names, own, strict=True) if lab != label]
+        if keep:
+            groups.append(group.select([name for name, _ in keep]))
+            labels.extend(lab for _, lab in keep)
+    return groups, labels

@@ -111,6 +111,15 @@ class _MultiHead(nn.Module):
         return torch.baddbmm(self.bias.unsqueeze(1), f, self.weight.transpose(1, 2)).transpose(0, 1)
 
 
+class _Features(nn.Module):
+    def __init__(self, modules: int) -> None:
+        super().__init__()
+        self.modules_count = modules
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features.flatten(1).unflatten(0, (self.modules_count, -1)).transpose(0, 1)
+
+
 @dataclass(frozen=True)
 class ModuleSet:
     """Modules of one parent: masks (M, *site.shape) per site and heads (M, 2, F), (M, 2).
@@ -148,8 +157,9 @@ class ModuleSet:
             {k: v[idx] for k, v in self.masks.items()}, self.head_weight[idx], self.head_bias[idx], self.config,
         )
 
-    def network(self, device: torch.device | str | None = None) -> nn.Module:
-        """All modules as one network: input (B, C, H, W) -> (B, M, 2), masks stacked, one forward pass."""
+    def network(self, device: torch.device | str | None = None, features: bool = False) -> nn.Module:
+        """All modules as one network: input (B, C, H, W) -> (B, M, 2), masks stacked, one forward pass.
+        With `features`, the output is what each module's head reads, (B, M, F)."""
         traced = self.parent.model
         taps: dict[str, nn.Module] = {}
         placeholder = next(n for n in traced.graph.graph.nodes if n.op == "placeholder")
@@ -157,7 +167,8 @@ class ModuleSet:
         for site in self.sites:
             taps[site.name] = _MaskTap(self.masks[site.name])
         net = with_taps(traced.graph, taps)
-        _replace_head(net, traced.head.node, _MultiHead(self.head_weight, self.head_bias))
+        head = _Features(len(self)) if features else _MultiHead(self.head_weight, self.head_bias)
+        _replace_head(net, traced.head.node, head)
         return net.to(resolve_device(device)).eval()
 
     def logits(self, images: np.ndarray, batch_size: int = 256, device: torch.device | str | None = None,
@@ -172,6 +183,15 @@ class ModuleSet:
             parts.append(_batched(lambda x, net=net: net(self.parent.input_spec.prepare(x, device)), images,
                                   per_batch, progress, "modules"))
         return torch.cat(parts, dim=1)
+
+    def features(self, images: np.ndarray, batch_size: int = 256, device: torch.device | str | None = None,
+                 progress: bool = False) -> torch.Tensor:
+        """What each module's head reads, with the module's masks applied: (N, M, F)."""
+        device = resolve_device(device)
+        net = self.network(device, features=True)
+        per_batch = max(1, batch_size // len(self))
+        return _batched(lambda x: net(self.parent.input_spec.prepare(x, device)), images, per_batch, progress,
+                        "features")
 
     def scores(self, images: np.ndarray, scoring: str = "softmax", batch_size: int = 256,
                device: torch.device | str | None = None, progress: bool = False) -> torch.Tensor:
