@@ -119,7 +119,7 @@ def record_activity(
     groups = 2 * plan.num_classes
     counts = {s.name: torch.zeros((groups, *s.shape), dtype=torch.float32, device=device) for s in sites}
     current: list[torch.Tensor] = [torch.empty(0, dtype=torch.long)]
-    taps = {s.name: _CountTap(counts[s.name], current, site_kind == "relu") for s in sites}
+    taps: dict[str, nn.Module] = {s.name: _CountTap(counts[s.name], current, site_kind == "relu") for s in sites}
     net = with_taps(model.graph, taps).to(device)
     net.eval()
     order = np.argsort(plan.groups, kind="stable")

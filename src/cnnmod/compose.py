@@ -76,7 +76,9 @@ def removed(composed: ComposedClassifier, label: str) -> ComposedClassifier:
 def _without(composed: ComposedClassifier, label: str) -> tuple[list[ModuleSet], list[str]]:
     if label not in composed.labels:
         raise CnnmodError(f"no module votes for {label!r}; labels are {', '.join(composed.labels)}")
-    groups, labels, offset = [], [], 0
+    groups: list[ModuleSet] = []
+    labels: list[str] = []
+    offset = 0
     for group in composed.groups:
         own = composed.labels[offset:offset + len(group)]
         offset += len(group)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -52,7 +53,7 @@ def parameter_counts(modules: ModuleSet, classes_per_pass: int = 16) -> Paramete
         for n in layers:
             if n.name == model.head.node:
                 continue
-            layer = gm.get_submodule(str(n.target))
+            layer = cast(nn.Conv2d | nn.Linear, gm.get_submodule(str(n.target)))
             out_alive = _channels(need.get(n.name), head_need.shape[0], layer.weight.shape[0])
             source = n.args[0]
             in_alive = _channels(need.get(source.name) if hasattr(source, "name") else None,

@@ -90,6 +90,7 @@ class _Repeat(nn.Module):
 class _MaskTap(nn.Module):
     def __init__(self, mask: torch.Tensor) -> None:
         super().__init__()
+        self.mask: torch.Tensor
         self.register_buffer("mask", mask.unsqueeze(1).float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,6 +103,8 @@ class _MultiHead(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
         super().__init__()
+        self.weight: torch.Tensor
+        self.bias: torch.Tensor
         self.register_buffer("weight", weight.float())
         self.register_buffer("bias", bias.float())
 

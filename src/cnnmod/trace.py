@@ -163,16 +163,18 @@ def fold_batchnorm(gm: fx.GraphModule) -> None:
     gm.delete_all_unused_submodules()
 
 
-def _folded(layer: nn.Module, bn: nn.Module) -> nn.Module:
-    assert bn.running_var is not None and bn.running_mean is not None
-    scale = bn.weight.detach() if bn.affine else torch.ones_like(bn.running_var)
-    shift = bn.bias.detach() if bn.affine else torch.zeros_like(bn.running_mean)
-    factor = scale / torch.sqrt(bn.running_var + bn.eps)
+def _folded(layer: nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear,
+            bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
+    mean, var = bn.running_mean, bn.running_var
+    assert mean is not None and var is not None
+    scale = bn.weight.detach() if bn.affine else torch.ones_like(var)
+    shift = bn.bias.detach() if bn.affine else torch.zeros_like(mean)
+    factor = scale / torch.sqrt(var + bn.eps)
     new = copy.deepcopy(layer)
     weight = layer.weight.detach()
     new.weight = nn.Parameter(weight * factor.reshape(-1, *([1] * (weight.dim() - 1))))
-    bias = layer.bias.detach() if layer.bias is not None else torch.zeros_like(bn.running_mean)
-    new.bias = nn.Parameter((bias - bn.running_mean) * factor + shift)
+    bias = layer.bias.detach() if layer.bias is not None else torch.zeros_like(mean)
+    new.bias = nn.Parameter((bias - mean) * factor + shift)
     return new
 
 
