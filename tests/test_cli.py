@@ -87,8 +87,6 @@ def test_train_text_output_names_the_file(cnnmod_cli: Cli, tiny_data: Path, tmp_
     assert info.input_spec.size == (28, 28)  # the architecture's own input size
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: --input-size that an architecture with a fixed-size hidden layer "
-                   "cannot take crashes with a RuntimeError traceback instead of an error line")
 def test_train_input_size_the_arch_cannot_take_is_an_error(cnnmod_cli: Cli, tiny_data: Path,
                                                            tmp_path: Path) -> None:
     result = cnnmod_cli("train", "smallcnn_tiny", "--data", tiny_data, "--out", tmp_path / "m.safetensors",
@@ -244,6 +242,12 @@ def test_inspect_model_file(cnnmod_cli: Cli, tiny_model: Path) -> None:
     assert payload["sites"]["relu"]
 
 
+def test_inspect_plain_checkpoint_of_three_classes(cnnmod_cli: Cli, plain_checkpoint: Path) -> None:
+    payload = ok_json(cnnmod_cli("inspect", plain_checkpoint, "--arch", "resnet_tiny", "--json"))
+    assert payload["arch"] == "resnet_tiny"
+    assert len(payload["classes"]) == 3
+
+
 def test_inspect_models_lists_the_zoo(cnnmod_cli: Cli) -> None:
     payload = ok_json(cnnmod_cli("inspect", "--models", "--json"))
     names = {m["name"] for m in payload["models"]}
@@ -285,6 +289,18 @@ def test_tradeoff_default_out_is_inside_the_store(cnnmod_cli: Cli, tiny_store: P
     assert (store / "tradeoff" / "tradeoff.md").is_file() and (store / "tradeoff" / "tradeoff.png").is_file()
 
 
+def test_tradeoff_rho_out_of_range_is_an_error(cnnmod_cli: Cli, tiny_store: Path, tiny_data: Path,
+                                               tmp_path: Path) -> None:
+    result = cnnmod_cli("tradeoff", tiny_store, "--data", tiny_data, "--rho", "1.5", "--out", tmp_path, "--json")
+    assert_error(result, "rho", "1.5")
+
+
+def test_tradeoff_rho_that_is_no_number_is_an_error(cnnmod_cli: Cli, tiny_store: Path, tiny_data: Path,
+                                                    tmp_path: Path) -> None:
+    result = cnnmod_cli("tradeoff", tiny_store, "--data", tiny_data, "--rho", "0,abc", "--out", tmp_path, "--json")
+    assert_error(result, "abc")
+
+
 def test_variants_table(cnnmod_cli: Cli, tiny_model: Path, tiny_data: Path) -> None:
     payload = ok_json(cnnmod_cli("variants", tiny_model, "--data", tiny_data, "--samples-per-class", 10,
                                  "--limit", 30, "--json"))
@@ -300,7 +316,7 @@ def test_variants_table(cnnmod_cli: Cli, tiny_model: Path, tiny_data: Path) -> N
 
 def test_demo_runs_on_the_embedded_assets(cnnmod_cli: Cli, tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    payload = ok_json(cnnmod_cli("demo", "--out", out, "--samples-per-class", 50, "--json"))
+    payload = ok_json(cnnmod_cli("demo", "--out", out, "--json"))
     assert 0.0 <= payload["parent"]["top1"] <= 1.0 and 0.0 <= payload["composed"]["top1"] <= 1.0
     assert payload["parent"]["top1"] > 0.8  # the embedded Fashion-MNIST CNN is trained
     assert abs(payload["composed"]["top1"] - payload["parent"]["top1"]) <= 0.02

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+import torch
 
 from ..data import Dataset, load_dataset
 from ..errors import CnnmodError, ModelError
@@ -41,6 +42,30 @@ def open_parent(model_path: Path, arch: str | None, classes: tuple[str, ...], in
     model = load_weights(create_model(arch, num_classes=len(classes), in_channels=zoo.in_channels), model_path)
     size = (input_size, input_size) if input_size else zoo.input_size
     return Parent.from_model(model.eval(), InputSpec.default(size, zoo.in_channels), classes, arch)
+
+
+def check_input(model: torch.nn.Module, spec: InputSpec, arch: str) -> None:
+    """A one-line error, before any work, when the architecture cannot take inputs of `spec`'s shape."""
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(2, spec.channels, *spec.size))
+    except RuntimeError as e:
+        raise ModelError(f"{arch} cannot take {spec.channels}x{spec.size[0]}x{spec.size[1]} inputs "
+                         f"({str(e).splitlines()[0]}); choose another --input-size") from None
+
+
+def head_size(path: Path, arch: str) -> int:
+    """The number of classes of a plain checkpoint of a zoo architecture: rows of its last Linear layer."""
+    from ..zoo import create_model
+    from ..zoo.checkpoints import _read_state_dict
+
+    model = create_model(arch, num_classes=10)
+    last = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+    state = _read_state_dict(path)
+    weight = state.get(f"{last}.weight", state.get(f"module.{last}.weight"))
+    if weight is None:
+        raise ModelError(f"{path.name} has no '{last}.weight': it is not a {arch} checkpoint")
+    return int(weight.shape[0])
 
 
 def _has_cnnmod_metadata(path: Path) -> bool:

@@ -9,6 +9,7 @@ import click
 
 from ..decompose import GRANULARITIES, VARIANTS, DecomposeConfig
 from ..decompose import decompose as run_decompose
+from ..errors import StoreError
 from ..evaluate import relabel
 from ..store import save_store
 from .app import cli, device_option, emit, json_option, reports_errors, split_classes
@@ -43,7 +44,7 @@ def decompose(model: Path, arch: str | None, data_path: Path, data_format: str |
     """Decompose MODEL into one module per class using the training split of --data."""
     config = DecomposeConfig(samples_per_class, tangling_ratio, rho, granularity, variant, sites, delta, seed)
     if out.exists() and not overwrite:
-        raise click.UsageError(f"{out} exists; choose another --out or pass --overwrite")
+        raise StoreError(f"{out} exists; choose another --out or pass --overwrite")
     data = open_dataset(data_path, data_format, None, as_json)
     parent = open_parent(model, arch, data.classes, input_size)
     labels = relabel(data.train.labels, data.train.classes, parent.classes)

@@ -56,12 +56,12 @@ def _inspect_store(path: Path, as_json: bool) -> None:
 
 def _inspect_model(path: Path, arch: str | None, as_json: bool) -> None:
     from ..zoo import model_info
-    from .common import open_parent
+    from .common import head_size, open_parent
 
-    classes = tuple(str(i) for i in range(10))
+    classes: tuple[str, ...] = ()
     if arch:
-        classes = classes  # a plain checkpoint carries no class names; its head size is checked on load
         model_info(arch)
+        classes = tuple(str(i) for i in range(head_size(path, arch)))  # a plain checkpoint has no class names
     parent = open_parent(path, arch, classes, None)
     model = parent.model
     payload = {

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..errors import CnnmodError
 from ..tradeoff import sweep
 from .app import cli, device_option, emit, json_option, reports_errors
 from .common import data_options, open_dataset
@@ -31,7 +32,10 @@ def tradeoff(store: Path, data_path: Path, data_format: str | None, classes: str
     from ..report import markdown_table, plot_tradeoff, write_report
 
     data = open_dataset(data_path, data_format, None, as_json).test
-    rho_values = [float(r) for r in rhos.split(",") if r.strip()]
+    try:
+        rho_values = [float(r) for r in rhos.split(",") if r.strip()]
+    except ValueError:
+        raise CnnmodError(f"--rho takes comma-separated numbers, got {rhos!r}") from None
     grans = [g.strip() for g in granularities.split(",") if g.strip()]
     result = sweep(store, data, rho_values, grans, limit, batch_size, device, progress=not as_json)
     out_dir = out_dir or store / "tradeoff"

@@ -10,7 +10,7 @@ from ..inputs import InputSpec
 from ..train import train_model
 from ..zoo import create_model, model_info, save_model_file
 from .app import cli, device_option, emit, json_option, reports_errors, split_classes
-from .common import data_options, open_dataset
+from .common import check_input, data_options, open_dataset
 
 
 @cli.command()
@@ -44,6 +44,7 @@ def train(arch: str, data_path: Path, data_format: str | None, classes: str | No
     size = (input_size, input_size) if input_size else info.input_size
     spec = InputSpec.default(size, info.in_channels)
     model = create_model(arch, num_classes=len(data.classes), in_channels=info.in_channels)
+    check_input(model, spec, arch)
 
     def report(row: dict) -> None:
         if not as_json:

@@ -1,0 +1,299 @@
+"""The paper's reuse, replacement and repair scenarios (Tables 2-6, Figure 6) on real data.
+
+Every path that builds a classifier is measured with the same energy meter as training the same
+architecture from scratch on the same classes, so the two can be compared side by side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from .compose import ComposedClassifier, compose, replace
+from .data import Dataset, ImageSet
+from .decompose import DecomposeConfig, decompose
+from .energy import EnergyMeter, EnergyReport
+from .evaluate import relabel
+from .inputs import InputSpec
+from .modules import ModuleSet, Parent
+from .reuse import activity_on, forget, own_activity, recalibrate
+from .train import train_model
+from .zoo import create_model
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A scenario's table: `columns` name the keys of each row shown; `energy` holds reports by path."""
+
+    name: str
+    columns: tuple[str, ...]
+    rows: list[dict[str, Any]]
+    notes: list[str] = field(default_factory=list)
+
+    def table(self) -> str:
+        from .report import markdown_table
+
+        return markdown_table(self.columns, [[r.get(c, "") for c in self.columns] for r in self.rows])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "columns": list(self.columns), "rows": self.rows, "notes": self.notes}
+
+
+def measured(fn: Callable[[], T]) -> tuple[T, EnergyReport]:
+    with EnergyMeter() as meter:
+        result = fn()
+    return result, meter.report
+
+
+def accuracy(composed: ComposedClassifier, images: np.ndarray, targets: np.ndarray,
+             device: torch.device | str | None = None) -> float:
+    """Top-1 of a composed classifier; `targets` index its labels."""
+    if len(targets) == 0:
+        return float("nan")
+    return float((composed.predict(images, device=device).numpy() == targets).mean())
+
+
+def parent_labels(parent: Parent, data: ImageSet) -> tuple[np.ndarray, np.ndarray]:
+    """The images of `data` whose class the parent knows, with parent class indices."""
+    labels = relabel(data.labels, data.classes, parent.classes)
+    return data.images[labels >= 0], labels[labels >= 0]
+
+
+def train_scratch(arch: str, data: ImageSet, spec: InputSpec, epochs: int, seed: int,
+                  device: torch.device | str | None, progress: bool) -> tuple[Parent, EnergyReport]:
+    """Train `arch` from scratch on `data` with `cnnmod train`'s loop, measured."""
+    model = create_model(arch, num_classes=len(data.classes), in_channels=spec.channels)
+    result, energy = measured(lambda: train_model(model, data, spec, epochs=epochs, seed=seed, device=device,
+                                                  progress=progress))
+    return Parent.from_model(result.model.cpu().eval(), spec, data.classes, arch), energy
+
+
+def parent_accuracy(parent: Parent, data: ImageSet, device: torch.device | str | None = None) -> float:
+    images, labels = parent_labels(parent, data)
+    return float((parent.logits(images, device=device).argmax(1).numpy() == labels).mean())
+
+
+def as_format(images: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """Raw uint8 images converted to the size and channels of `spec` (for training one model on two datasets)."""
+    plain = InputSpec(spec.size, spec.channels, (0.0,) * spec.channels, (1.0,) * spec.channels)
+    x = plain.prepare(images).clamp(0, 1)
+    return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def _energy_columns(row: dict[str, Any], name: str, report: EnergyReport) -> None:
+    row[f"{name}_kwh"] = report.kwh
+    row[f"{name}_seconds"] = report.seconds
+    row[f"{name}_co2e_lbs"] = report.co2e_lbs
+
+
+# --- Table 2: intra-dataset reuse -------------------------------------------------------------------------
+
+
+def intra_reuse(parent: Parent, data: Dataset, pairs: Sequence[tuple[str, str]], arch: str, epochs: int,
+                config: DecomposeConfig, seed: int = 0, device: torch.device | str | None = None,
+                progress: bool = True) -> Experiment:
+    """For each class pair: modules of `parent` composed vs `arch` trained from scratch on the pair."""
+    train_images, train_labels = parent_labels(parent, data.train)
+    rows = []
+    for a, b in pairs:
+        test = data.test.subset([a, b])
+        (composed, _), reuse_energy = measured(lambda a=a, b=b: _compose_pair(
+            parent, train_images, train_labels, [a, b], config, device, progress))
+        scratch, train_energy = train_scratch(arch, data.train.subset([a, b]), parent.input_spec, epochs, seed,
+                                              device, progress)
+        row = {"pair": f"{a}/{b}", "composed": accuracy(composed, test.images, test.labels, device),
+               "scratch": parent_accuracy(scratch, test, device)}
+        row["delta"] = row["composed"] - row["scratch"]
+        _energy_columns(row, "reuse", reuse_energy)
+        _energy_columns(row, "train", train_energy)
+        row["energy_ratio"] = train_energy.kwh / max(reuse_energy.kwh, 1e-30)
+        rows.append(row)
+    _mean_row(rows, "pair")
+    return Experiment("intra-dataset reuse (Table 2)",
+                      ("pair", "composed", "scratch", "delta", "reuse_kwh", "train_kwh", "energy_ratio"), rows,
+                      [f"scratch: {arch} trained {epochs} epochs on the pair; reuse: decompose the pair's classes "
+                       "from the parent in one pass and compose; accuracy on the pair's test images"])
+
+
+def _compose_pair(parent: Parent, images: np.ndarray, labels: np.ndarray, classes: list[str],
+                  config: DecomposeConfig, device: torch.device | str | None,
+                  progress: bool) -> tuple[ComposedClassifier, ModuleSet]:
+    modules, _ = decompose(parent, images, labels, config, classes, device=device, progress=progress)
+    return compose([modules]), modules
+
+
+def _mean_row(rows: list[dict[str, Any]], key: str) -> None:
+    if len(rows) < 2:
+        return
+    mean: dict[str, Any] = {key: "mean"}
+    for column, value in rows[0].items():
+        if isinstance(value, float):
+            mean[column] = float(np.mean([r[column] for r in rows]))
+    rows.append(mean)
+
+
+# --- Table 3: inter-dataset reuse with continuous learning ------------------------------------------------
+
+
+def inter_reuse(parent_a: Parent, data_a: Dataset, parent_b: Parent, data_b: Dataset,
+                pairs: Sequence[tuple[str, str]], arch: str, epochs: int, config: DecomposeConfig,
+                calibration_samples: int = 300, seed: int = 0, device: torch.device | str | None = None,
+                progress: bool = True) -> Experiment:
+    """Pairs (class of dataset A, class of dataset B): composed modules without and with continuous learning
+    (training-free; then head recalibration) vs `arch` trained from scratch on the pair in A's input format."""
+    train_a, labels_a = parent_labels(parent_a, data_a.train)
+    train_b, labels_b = parent_labels(parent_b, data_b.train)
+    rows = [_inter_pair(parent_a, data_a, train_a, labels_a, parent_b, data_b, train_b, labels_b, a, b, arch,
+                        epochs, config, calibration_samples, seed, device, progress) for a, b in pairs]
+    _mean_row(rows, "pair")
+    return Experiment(
+        "inter-dataset reuse (Table 3)",
+        ("pair", "composed", "cl", "cl_recalibrated", "scratch", "cl_delta", "cl_recalibrated_delta", "reuse_kwh",
+         "recalibrated_kwh", "train_kwh", "energy_ratio"), rows,
+        ["composed: modules as decomposed; cl: training-free continuous learning; cl_recalibrated: plus the "
+         f"2-output heads refitted on {calibration_samples} training images per class (no backprop through the "
+         f"body); scratch: {arch} trained {epochs} epochs on both classes in the first dataset's input format"])
+
+
+def _inter_pair(parent_a: Parent, data_a: Dataset, train_a: np.ndarray, labels_a: np.ndarray, parent_b: Parent,
+                data_b: Dataset, train_b: np.ndarray, labels_b: np.ndarray, a: str, b: str, arch: str, epochs: int,
+                config: DecomposeConfig, calibration_samples: int, seed: int, device: torch.device | str | None,
+                progress: bool) -> dict[str, Any]:
+    own_a = _sample(data_a.train.subset([a]), calibration_samples, seed)
+    own_b = _sample(data_b.train.subset([b]), calibration_samples, seed)
+    with EnergyMeter() as meter:
+        with meter.step("decompose"):
+            ma, act_a = decompose(parent_a, train_a, labels_a, config, [a], device=device, progress=progress)
+            mb, act_b = decompose(parent_b, train_b, labels_b, config, [b], device=device, progress=progress)
+        with meter.step("learn"):
+            fa = forget(ma, own_activity(ma, act_a), activity_on(ma, own_b, device=device), len(own_b))
+            fb = forget(mb, own_activity(mb, act_b), activity_on(mb, own_a, device=device), len(own_a))
+        with meter.step("recalibrate"):
+            ra = recalibrate(fa, [own_a], own_b, device=device).modules
+            rb = recalibrate(fb, [own_b], own_a, device=device).modules
+    steps = meter.steps
+    scratch, train_energy = train_scratch(arch, _mixed_pair(data_a, data_b, a, b, parent_a.input_spec),
+                                          parent_a.input_spec, epochs, seed, device, progress)
+    test_a, test_b = data_a.test.subset([a]).images, data_b.test.subset([b]).images
+    row: dict[str, Any] = {"pair": f"{a}/{b}"}
+    for name, (x, y) in {"composed": (ma, mb), "cl": (fa, fb), "cl_recalibrated": (ra, rb)}.items():
+        row[name] = _pair_score(compose([x, y], [a, b]).predict, test_a, test_b)
+    row["scratch"] = _pair_score(lambda im: scratch.logits(im).argmax(1), as_format(test_a, parent_a.input_spec),
+                                 as_format(test_b, parent_a.input_spec))
+    row["cl_delta"] = row["cl"] - row["scratch"]
+    row["cl_recalibrated_delta"] = row["cl_recalibrated"] - row["scratch"]
+    _energy_columns(row, "reuse", steps["decompose"] + steps["learn"])
+    _energy_columns(row, "recalibrated", steps["decompose"] + steps["learn"] + steps["recalibrate"])
+    _energy_columns(row, "train", train_energy)
+    row["energy_ratio"] = train_energy.kwh / max(row["reuse_kwh"], 1e-30)
+    return row
+
+
+def _sample(data: ImageSet, n: int, seed: int = 0) -> np.ndarray:
+    """`n` images drawn at random (seeded) from `data`."""
+    order = np.random.default_rng(seed).permutation(len(data))[:n]
+    return data.images[np.sort(order)]
+
+
+def _pair_score(predict: Callable[[np.ndarray], torch.Tensor], images_a: np.ndarray, images_b: np.ndarray) -> float:
+    """Accuracy over the union of A's images (label 0) and B's images (label 1), which may differ in size."""
+    correct = (predict(images_a) == 0).sum() + (predict(images_b) == 1).sum()
+    return float(correct) / (len(images_a) + len(images_b))
+
+
+def _mixed_pair(data_a: Dataset, data_b: Dataset, a: str, b: str, spec: InputSpec) -> ImageSet:
+    xa, xb = data_a.train.subset([a]).images, data_b.train.subset([b]).images
+    images = np.concatenate([as_format(xa, spec), as_format(xb, spec)])
+    labels = np.concatenate([np.zeros(len(xa), dtype=np.int64), np.ones(len(xb), dtype=np.int64)])
+    return ImageSet(images, labels, (a, b))
+
+
+# --- Tables 4 and 5: replacement -----------------------------------------------------------------------------
+
+
+def intra_replace(weak: Parent, strong: Parent, data: Dataset, config: DecomposeConfig,
+                  device: torch.device | str | None = None, progress: bool = True,
+                  limit: int | None = None) -> Experiment:
+    """Compose all of `weak`'s modules, then replace one class at a time with `strong`'s module for it.
+
+    Every module's scores on the test set are computed once, so each replacement is a column swap."""
+    train_images, train_labels = parent_labels(weak, data.train)
+    test_images, test_labels = parent_labels(weak, data.test)
+    test_images, test_labels = test_images[:limit], test_labels[:limit]
+    weak_modules, _ = decompose(weak, train_images, train_labels, config, device=device, progress=progress)
+    strong_modules, strong_energy = measured(lambda: decompose(strong, *parent_labels(strong, data.train), config,
+                                                               weak.classes, device=device, progress=progress)[0])
+    weak_scores = weak_modules.scores(test_images, device=device, progress=progress)
+    strong_scores = strong_modules.scores(test_images, device=device, progress=progress)
+    targets = torch.as_tensor(test_labels)
+    base = float((weak_scores.argmax(1) == targets).float().mean())
+    rows = []
+    for c, name in enumerate(weak.classes):
+        scores = weak_scores.clone()
+        scores[:, c] = strong_scores[:, c]
+        pred = scores.argmax(1)
+        in_class = targets == c
+        rows.append({"class": name, "before": base, "after": float((pred == targets).float().mean()),
+                     "class_recall_before": float((weak_scores.argmax(1)[in_class] == c).float().mean()),
+                     "class_recall_after": float((pred[in_class] == c).float().mean())})
+        rows[-1]["delta"] = rows[-1]["after"] - rows[-1]["before"]
+    all_strong = float((strong_scores.argmax(1) == targets).float().mean())
+    rows.append({"class": "all replaced", "before": base, "after": all_strong, "delta": all_strong - base})
+    per_class = strong_energy.kwh / len(weak.classes)
+    return Experiment(
+        "intra-dataset replacement (Table 4)",
+        ("class", "before", "after", "delta", "class_recall_before", "class_recall_after"), rows,
+        [f"weak parent {weak.arch} (top-1 {parent_accuracy(weak, data.test, device):.4f}) composed from its own "
+         f"modules, one module replaced by strong parent {strong.arch}'s (top-1 "
+         f"{parent_accuracy(strong, data.test, device):.4f}); {len(test_labels)} test images",
+         f"decomposing the strong parent: {strong_energy.describe()} for all classes, {per_class:.3g} kWh per "
+         "replaced class"])
+
+
+def inter_replace(parent_a: Parent, data_a: Dataset, parent_b: Parent, data_b: Dataset,
+                  replacements: Sequence[tuple[str, str]], config: DecomposeConfig,
+                  calibration_samples: int = 300, limit: int | None = 2000,
+                  device: torch.device | str | None = None, progress: bool = True) -> Experiment:
+    """Replace A's module for class x with B's module for class y (another dataset), with and without
+    continuous learning; accuracy on A's test images of the other classes plus B's test images of y."""
+    train_a, labels_a = parent_labels(parent_a, data_a.train)
+    train_b, labels_b = parent_labels(parent_b, data_b.train)
+    modules_a, act_a = decompose(parent_a, train_a, labels_a, config, device=device, progress=progress)
+    test_a, tl_a = parent_labels(parent_a, data_a.test)
+    test_a, tl_a = test_a[:limit], tl_a[:limit]
+    rows = []
+    for x, y in replacements:
+        (mb, act_b), energy = measured(lambda y=y: decompose(parent_b, train_b, labels_b, config, [y],
+                                                             device=device, progress=progress))
+        base = compose([modules_a])
+        keep_a = tl_a != parent_a.class_index(x)
+        images_a, targets_a = test_a[keep_a], tl_a[keep_a]
+        images_b = data_b.test.subset([y]).images[:limit]
+        own_a = _sample(data_a.train.subset([c for c in parent_a.classes if c != x]), calibration_samples)
+        own_b = _sample(data_b.train.subset([y]), calibration_samples)
+        others = [c for c in parent_a.classes if c != x]
+        row: dict[str, Any] = {"replacement": f"{x} -> {y}",
+                               "before_on_a": accuracy(base, test_a, tl_a, device)}
+        plain = replace(base, x, mb, y)
+        learned_a = forget(modules_a.select(others), own_activity(modules_a.select(others), act_a),
+                           activity_on(modules_a, own_b, device=device), len(own_b))
+        learned_b = forget(mb, own_activity(mb, act_b), activity_on(mb, own_a, device=device), len(own_a))
+        learned = compose([learned_a, learned_b], [*others, y])
+        for name, classifier in (("replaced", plain), ("replaced_cl", learned)):
+            target_a = np.array([classifier.labels.index(parent_a.classes[t]) for t in targets_a])
+            correct = (classifier.predict(images_a, device=device).numpy() == target_a).sum() + (
+                classifier.predict(images_b, device=device).numpy() == classifier.labels.index(y)).sum()
+            row[name] = float(correct) / (len(images_a) + len(images_b))
+        _energy_columns(row, "replace", energy)
+        rows.append(row)
+    return Experiment("inter-dataset replacement (Table 5)",
+                      ("replacement", "before_on_a", "replaced", "replaced_cl", "replace_kwh"), rows,
+                      ["replaced / replaced_cl: accuracy of the new classifier on the first dataset's test images of "
+                       "the kept classes plus the second dataset's test images of the new class, without / with "
+                       f"training-free continuous learning; {limit} test images of the first dataset at most"])
