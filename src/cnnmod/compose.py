@@ -15,12 +15,22 @@ SCORINGS = ("softmax", "logit")
 
 
 @dataclass(frozen=True)
+class Reverifier:
+    """Re-decides among `labels` with its own modules (one per label, in order) whenever the composed
+    classifier predicts one of them (repair option 4)."""
+
+    labels: tuple[str, ...]
+    modules: ModuleSet
+
+
+@dataclass(frozen=True)
 class ComposedClassifier:
     """Groups of modules (one ModuleSet per parent) and the label each module votes for, in order."""
 
     groups: tuple[ModuleSet, ...]
     labels: tuple[str, ...]
     scoring: str = "softmax"
+    reverifiers: tuple[Reverifier, ...] = ()
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -32,8 +42,15 @@ class ComposedClassifier:
 
     def predict(self, images: np.ndarray, batch_size: int = 256, device: torch.device | str | None = None,
                 progress: bool = False) -> torch.Tensor:
-        """Index into `labels` of the winning module for each image."""
-        return self.scores(images, batch_size, device, progress).argmax(1)
+        """Index into `labels` of the winning module for each image, re-decided by any reverifiers."""
+        pred = self.scores(images, batch_size, device, progress).argmax(1)
+        for rv in self.reverifiers:
+            targets = torch.tensor([self.labels.index(lab) for lab in rv.labels])
+            rows = torch.isin(pred, targets).nonzero().flatten()
+            if len(rows):
+                scores = rv.modules.scores(images[rows.numpy()], self.scoring, batch_size, device)
+                pred[rows] = targets[scores.argmax(1)]
+        return pred
 
 
 def compose(groups: Sequence[ModuleSet], labels: Sequence[str] | None = None,
@@ -62,7 +79,8 @@ def replace(composed: ComposedClassifier, label: str, modules: ModuleSet,
     if len(modules) != 1:
         raise CnnmodError(f"replace takes exactly one module, got {len(modules)}")
     groups, labels = _without(composed, label)
-    return compose([*groups, modules], [*labels, new_label or label], composed.scoring)
+    return with_reverifiers(compose([*groups, modules], [*labels, new_label or label], composed.scoring),
+                            composed.reverifiers)
 
 
 def removed(composed: ComposedClassifier, label: str) -> ComposedClassifier:
@@ -70,12 +88,31 @@ def removed(composed: ComposedClassifier, label: str) -> ComposedClassifier:
     groups, labels = _without(composed, label)
     if not groups:
         raise CnnmodError(f"removing {label!r} would leave no modules")
-    return ComposedClassifier(tuple(groups), tuple(labels), composed.scoring)
+    kept = tuple(rv for rv in composed.reverifiers if label not in rv.labels)
+    return ComposedClassifier(tuple(groups), tuple(labels), composed.scoring, kept)
+
+
+def reverified(composed: ComposedClassifier, labels: Sequence[str], modules: ModuleSet) -> ComposedClassifier:
+    """A new classifier whose predictions among `labels` are re-decided by `modules` (one per label)."""
+    if len(modules) != len(labels):
+        raise CnnmodError(f"{len(modules)} modules given to re-verify {len(labels)} labels")
+    for label in labels:
+        _position(composed, label)
+    return with_reverifiers(composed, (*composed.reverifiers, Reverifier(tuple(labels), modules)))
+
+
+def with_reverifiers(composed: ComposedClassifier, reverifiers: Sequence[Reverifier]) -> ComposedClassifier:
+    return ComposedClassifier(composed.groups, composed.labels, composed.scoring, tuple(reverifiers))
+
+
+def _position(composed: ComposedClassifier, label: str) -> int:
+    if label not in composed.labels:
+        raise CnnmodError(f"no module votes for {label!r}; labels are {', '.join(composed.labels)}")
+    return composed.labels.index(label)
 
 
 def _without(composed: ComposedClassifier, label: str) -> tuple[list[ModuleSet], list[str]]:
-    if label not in composed.labels:
-        raise CnnmodError(f"no module votes for {label!r}; labels are {', '.join(composed.labels)}")
+    _position(composed, label)
     groups: list[ModuleSet] = []
     labels: list[str] = []
     offset = 0

@@ -328,3 +328,26 @@ def write_report(
         parts.append("\n".join(figures))
     _atomic_write(path, "\n".join(parts).encode("utf-8"))
     return path
+
+
+def plot_energy(path: Path | str, labels: Sequence[str], series: Mapping[str, Sequence[float]],
+                title: str = "") -> Path:
+    """Grouped bars, log scale: energy (kWh) of each way to build each classifier (the paper's Figure 6)."""
+    count = len(labels)
+    fig = Figure(figsize=(max(6.0, 1.2 * count + 2), 4.5))
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / max(len(series), 1)
+    x = np.arange(count)
+    for i, (name, values) in enumerate(series.items()):
+        if len(values) != count:
+            raise ValueError(f"series {name!r} has {len(values)} values for {count} labels")
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=name)
+    ax.set_yscale("log")
+    ax.set_ylabel("energy (kWh, log scale)")
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, rotation=30 if count > 4 else 0, ha="right" if count > 4 else "center")
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return _save_figure(fig, path)

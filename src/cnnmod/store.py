@@ -23,7 +23,7 @@ import torch
 
 from . import __version__
 from .activity import Activity
-from .compose import ComposedClassifier, compose
+from .compose import ComposedClassifier, Reverifier, compose, with_reverifiers
 from .errors import StoreError
 from .fileio import (
     atomic_save_safetensors,
@@ -211,8 +211,12 @@ def save_composition(path: Path | str, composed: ComposedClassifier, overwrite: 
             _write_group(tmp / f"group{i}", group)
             groups.append({"store": f"group{i}", "labels": list(composed.labels[offset:offset + len(group)])})
             offset += len(group)
+        reverifiers = []
+        for i, rv in enumerate(composed.reverifiers):
+            _write_group(tmp / f"reverify{i}", rv.modules)
+            reverifiers.append({"store": f"reverify{i}", "labels": list(rv.labels)})
         manifest = {"format": COMPOSITION_FORMAT, "version": VERSION, "cnnmod_version": __version__,
-                    "scoring": composed.scoring, "groups": groups}
+                    "scoring": composed.scoring, "groups": groups, "reverifiers": reverifiers}
         atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2))
         _swap_into_place(tmp, path)
     finally:
@@ -240,6 +244,8 @@ def load_composition(path: Path | str) -> ComposedClassifier:
         for entry in manifest["groups"]:
             groups.append(load_store(path / entry["store"], with_activity=False).modules)
             labels.extend(entry["labels"])
-        return compose(groups, labels, manifest["scoring"])
+        reverifiers = [Reverifier(tuple(rv["labels"]), load_store(path / rv["store"], with_activity=False).modules)
+                       for rv in manifest.get("reverifiers", [])]
+        return with_reverifiers(compose(groups, labels, manifest["scoring"]), reverifiers)
     except (KeyError, TypeError) as e:
         raise StoreError(f"{file} lacks or garbles a field ({e}); the composition is damaged") from None

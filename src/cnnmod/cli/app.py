@@ -58,6 +58,6 @@ def split_classes(value: str | None) -> list[str] | None:
 
 
 def main() -> None:
-    from . import compose, decompose, demo, evaluate, inspect, tradeoff, train, variants  # noqa: F401
+    from . import compose, decompose, demo, evaluate, experiment, inspect, tradeoff, train, variants  # noqa: F401
 
     cli(prog_name="cnnmod")

@@ -1,0 +1,230 @@
+"""`cnnmod experiment ...`: the paper's reuse, replacement and repair scenarios on real data.
+
+Defaults are sized for a 2-core CPU (minutes per scenario); flags set the full sizes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..decompose import DecomposeConfig
+from ..errors import CnnmodError
+from ..experiments import Experiment
+from ..inputs import InputSpec
+from .app import cli, device_option, emit, json_option, reports_errors
+from .common import open_dataset, open_parent
+
+SHARED = Path("../shared")
+
+
+@cli.group()
+def experiment() -> None:
+    """Run one of the paper's scenarios and print its table (and write it with an energy plot to --out)."""
+
+
+def _pairs(value: str) -> list[tuple[str, str]]:
+    pairs = []
+    for item in value.split(","):
+        a, sep, b = item.partition(":")
+        if not sep or not a or not b:
+            raise CnnmodError(f"pairs are written a:b,c:d; got {item!r}")
+        pairs.append((a.strip(), b.strip()))
+    return pairs
+
+
+def _finish(result: Experiment, out: Path | None, energy_keys: dict[str, str], label_key: str,
+            as_json: bool) -> None:
+    from ..fileio import atomic_write_text
+    from ..report import plot_energy
+
+    payload: dict[str, Any] = result.to_json()
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "result.json", json.dumps(payload, indent=2))
+        atomic_write_text(out / "table.md", f"# {result.name}\n\n{result.table()}\n" +
+                          "".join(f"\n- {n}" for n in result.notes) + "\n")
+        rows = [r for r in result.rows if all(k in r for k in energy_keys.values())]
+        if rows:
+            payload["energy_plot"] = str(plot_energy(
+                out / "energy.png", [str(r[label_key]) for r in rows],
+                {name: [max(r[k], 1e-12) for r in rows] for name, k in energy_keys.items()},
+                f"{result.name}: energy"))
+    emit(as_json, payload, f"{result.name}\n\n{result.table()}\n" + "\n".join(f"- {n}" for n in result.notes))
+
+
+def _config(samples_per_class: int, seed: int) -> DecomposeConfig:
+    return DecomposeConfig(samples_per_class=samples_per_class, seed=seed)
+
+
+common = [
+    click.option("--epochs", default=5, show_default=True, help="Epochs for each model trained from scratch."),
+    click.option("--samples-per-class", default=1000, show_default=True),
+    click.option("--seed", default=0, show_default=True),
+    click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+                 help="Folder for table.md, result.json and energy.png."),
+    device_option, json_option, reports_errors,
+]
+
+
+def with_common(f):  # type: ignore[no-untyped-def]
+    for option in reversed(common):
+        f = option(f)
+    return f
+
+
+@experiment.command("intra-reuse")
+@click.option("--model", type=click.Path(exists=True, path_type=Path),
+              default=SHARED / "models/resnet20-12fca82f.th", show_default=True)
+@click.option("--arch", default="resnet20", show_default=True)
+@click.option("--data", "data_path", type=click.Path(exists=True, path_type=Path),
+              default=SHARED / "data/cifar10-jpg.tar.gz", show_default=True)
+@click.option("--pairs", default="cat:dog,automobile:truck,deer:horse", show_default=True)
+@with_common
+def intra_reuse(model: Path, arch: str, data_path: Path, pairs: str, epochs: int, samples_per_class: int, seed: int,
+                out: Path | None, device: str | None, as_json: bool) -> None:
+    """Table 2: a parent's modules for a class pair, composed, vs the same architecture trained on the pair."""
+    from ..experiments import intra_reuse as run
+
+    data = open_dataset(data_path, None, None, as_json)
+    parent = open_parent(model, arch, data.classes, None)
+    result = run(parent, data, _pairs(pairs), parent.arch, epochs, _config(samples_per_class, seed), seed, device,
+                 not as_json)
+    _finish(result, out, {"train from scratch": "train_kwh", "decompose + compose": "reuse_kwh"}, "pair", as_json)
+
+
+@experiment.command("inter-reuse")
+@click.option("--model-a", type=click.Path(exists=True, path_type=Path),
+              default=SHARED / "models/resnet20-12fca82f.th", show_default=True)
+@click.option("--arch-a", default="resnet20", show_default=True)
+@click.option("--data-a", type=click.Path(exists=True, path_type=Path),
+              default=SHARED / "data/cifar10-jpg.tar.gz", show_default=True)
+@click.option("--model-b", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Default: the embedded Fashion-MNIST CNN.")
+@click.option("--arch-b", default=None)
+@click.option("--data-b", type=click.Path(exists=True, path_type=Path),
+              default=Path("/usr/share/datasets/fashion-mnist"), show_default=True)
+@click.option("--pairs", default="cat:Bag,automobile:Sneaker,dog:Shirt", show_default=True,
+              help="class of A:class of B, ...")
+@click.option("--calibration-samples", default=300, show_default=True)
+@with_common
+def inter_reuse(model_a: Path, arch_a: str, data_a: Path, model_b: Path | None, arch_b: str | None, data_b: Path,
+                pairs: str, calibration_samples: int, epochs: int, samples_per_class: int, seed: int,
+                out: Path | None, device: str | None, as_json: bool) -> None:
+    """Table 3: modules from two datasets composed, with and without continuous learning, vs training."""
+    from ..experiments import inter_reuse as run
+
+    da, db = open_dataset(data_a, None, None, as_json), open_dataset(data_b, None, None, as_json)
+    pa = open_parent(model_a, arch_a, da.classes, None)
+    pb = open_parent(model_b or _embedded_model(), arch_b, db.classes, None)
+    result = run(pa, da, pb, db, _pairs(pairs), pa.arch, epochs, _config(samples_per_class, seed),
+                 calibration_samples, seed, device, not as_json)
+    _finish(result, out, {"train from scratch": "train_kwh", "reuse + continuous learning": "reuse_kwh",
+                          "+ head recalibration": "recalibrated_kwh"}, "pair", as_json)
+
+
+def _embedded_model() -> Path:
+    from importlib import resources
+
+    with resources.as_file(resources.files("cnnmod") / "assets" / "smallcnn-fmnist.safetensors") as path:
+        return Path(path)
+
+
+@experiment.command("intra-replace")
+@click.option("--weak", type=click.Path(exists=True, path_type=Path), required=True,
+              help="The weaker parent (e.g. a ResNet-20 without BatchNorm trained by `cnnmod train`).")
+@click.option("--weak-arch", default=None)
+@click.option("--strong", type=click.Path(exists=True, path_type=Path),
+              default=SHARED / "models/resnet20-12fca82f.th", show_default=True)
+@click.option("--strong-arch", default="resnet20", show_default=True)
+@click.option("--data", "data_path", type=click.Path(exists=True, path_type=Path),
+              default=SHARED / "data/cifar10-jpg.tar.gz", show_default=True)
+@click.option("--limit", type=int, default=None, help="Evaluate on N test images (spread over all classes).")
+@with_common
+def intra_replace(weak: Path, weak_arch: str | None, strong: Path, strong_arch: str, data_path: Path,
+                  limit: int | None, epochs: int, samples_per_class: int, seed: int, out: Path | None,
+                  device: str | None, as_json: bool) -> None:
+    """Table 4: a weaker parent's composed modules, each replaced by a stronger parent's module."""
+    from ..experiments import intra_replace as run
+
+    data = open_dataset(data_path, None, None, as_json)
+    if limit:
+        data = _spread(data, limit)
+    pw = open_parent(weak, weak_arch, data.classes, None)
+    ps = open_parent(strong, strong_arch, data.classes, None)
+    result = run(pw, ps, data, _config(samples_per_class, seed), device, not as_json)
+    _finish(result, out, {}, "class", as_json)
+
+
+def _spread(data, limit: int):  # type: ignore[no-untyped-def]
+    """The dataset with `limit` test images taken evenly over its classes."""
+    import numpy as np
+
+    from ..data import Dataset
+
+    per_class = max(1, limit // len(data.classes))
+    keep = np.sort(np.concatenate([np.flatnonzero(data.test.labels == c)[:per_class]
+                                   for c in range(len(data.classes))]))
+    return Dataset(data.name, data.train, data.test.take(keep))
+
+
+@experiment.command("inter-replace")
+@click.option("--model-a", type=click.Path(exists=True, path_type=Path),
+              default=SHARED / "models/resnet20-12fca82f.th", show_default=True)
+@click.option("--arch-a", default="resnet20", show_default=True)
+@click.option("--data-a", type=click.Path(exists=True, path_type=Path),
+              default=SHARED / "data/cifar10-jpg.tar.gz", show_default=True)
+@click.option("--model-b", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Default: the embedded Fashion-MNIST CNN.")
+@click.option("--arch-b", default=None)
+@click.option("--data-b", type=click.Path(exists=True, path_type=Path),
+              default=Path("/usr/share/datasets/fashion-mnist"), show_default=True)
+@click.option("--replacements", default="truck:Sneaker,frog:Bag", show_default=True,
+              help="class of A:class of B that takes its place, ...")
+@click.option("--limit", type=int, default=2000, show_default=True)
+@with_common
+def inter_replace(model_a: Path, arch_a: str, data_a: Path, model_b: Path | None, arch_b: str | None, data_b: Path,
+                  replacements: str, limit: int, epochs: int, samples_per_class: int, seed: int, out: Path | None,
+                  device: str | None, as_json: bool) -> None:
+    """Table 5: a module replaced by another dataset's module for another class."""
+    from ..experiments import inter_replace as run
+
+    da, db = open_dataset(data_a, None, None, as_json), open_dataset(data_b, None, None, as_json)
+    da = _spread(da, limit)
+    pa = open_parent(model_a, arch_a, da.classes, None)
+    pb = open_parent(model_b or _embedded_model(), arch_b, db.classes, None)
+    result = run(pa, da, pb, db, _pairs(replacements), _config(samples_per_class, seed), device=device,
+                 progress=not as_json)
+    _finish(result, out, {}, "replacement", as_json)
+
+
+GORILLA, GROOM = "n02480855", "n10148035"
+
+
+@experiment.command("repair")
+@click.option("--data", "data_path", type=click.Path(exists=True, path_type=Path),
+              default=SHARED / "data/tiny-imagenet-202-sub.tar.gz", show_default=True)
+@click.option("--pair", default=f"{GORILLA}:{GROOM}", show_default=True,
+              help="wrongly predicted class:class it is predicted for (gorilla:groom as 'person').")
+@click.option("--classes", "class_count", default=10, show_default=True,
+              help="Classes in the faulty parent: the pair plus the first others of the dataset.")
+@click.option("--arch", default="resnet20", show_default=True)
+@click.option("--input-size", default=32, show_default=True, help="64 for Tiny-ImageNet's full resolution.")
+@click.option("--noise", default=0.5, show_default=True, help="Share of the second class's labels set to the first.")
+@with_common
+def repair(data_path: Path, pair: str, class_count: int, arch: str, input_size: int, noise: float, epochs: int,
+           samples_per_class: int, seed: int, out: Path | None, device: str | None, as_json: bool) -> None:
+    """Table 6: a parent that confuses a class pair, and the four ways to repair its composed classifier."""
+    from ..experiments import repair_scenario
+
+    (wrong, right), = _pairs(pair)
+    full = open_dataset(data_path, None, None, as_json)
+    others = [c for c in full.classes if c not in (wrong, right)][: max(class_count - 2, 0)]
+    data = full.subset([wrong, right, *others])
+    spec = InputSpec.default((input_size, input_size), data.train.images.shape[-1])
+    result = repair_scenario(data, (wrong, right), arch, epochs, spec, _config(samples_per_class, seed), noise, seed,
+                             device, not as_json)
+    _finish(result, out, {"repair": "repair_kwh"}, "option", as_json)
