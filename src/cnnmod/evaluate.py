@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .compose import SCORINGS
+from .compose import SCORINGS, ComposedClassifier
 from .errors import CnnmodError
 from .metrics import parameter_counts, precision_recall, topk_accuracy
 from .modules import ModuleSet, score_from_logits
@@ -125,3 +125,22 @@ def overlap_matrix(modules: ModuleSet) -> torch.Tensor:
     sizes = flat.sum(1)
     union = sizes[:, None] + sizes[None, :] - inter
     return inter / union.clamp(min=1)
+
+
+def evaluate_composed(composed: ComposedClassifier, images: np.ndarray, labels: np.ndarray,
+                      data_classes: Sequence[str], batch_size: int = 256,
+                      device: torch.device | str | None = None, progress: bool = False) -> dict:
+    """Top-1/top-5 of a composed classifier on the images of `data_classes` that it has a label for, and recall
+    per label; `labels` index `data_classes` (labels are matched to class names)."""
+    targets = relabel(labels, data_classes, [c for c in composed.labels if c in data_classes]) if any(
+        c in data_classes for c in composed.labels) else np.full(len(labels), -1)
+    positions = np.array([composed.labels.index(c) for c in composed.labels if c in data_classes])
+    keep = targets >= 0
+    if not keep.any():
+        raise CnnmodError("none of the data's classes is a label of the composed classifier")
+    images, truth = images[keep], torch.as_tensor(positions[targets[keep]])
+    scores = composed.scores(images, batch_size, device, progress)
+    pred = composed.predict(images, batch_size, device, progress) if composed.reverifiers else scores.argmax(1)
+    recall = {composed.labels[p]: float((pred[truth == p] == p).float().mean()) for p in positions}
+    return {"samples": int(keep.sum()), "top1": float((pred == truth).float().mean()),
+            "top5": topk_accuracy(scores, truth, 5), "recall": recall}

@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from ..energy import EnergyReport
 from ..errors import CnnmodError
 
 
@@ -44,7 +45,11 @@ def reports_errors(f: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def emit(as_json: bool, payload: dict[str, Any], text: str) -> None:
+def emit(as_json: bool, payload: dict[str, Any], text: str, energy: EnergyReport | None = None) -> None:
+    """Print the result; `energy` (the command's measured energy) is added to both forms."""
+    if energy is not None:
+        payload = {**payload, "energy": energy.to_json()}
+        text = f"{text}\nenergy: {energy.describe()}"
     if as_json:
         click.echo(json.dumps(payload, indent=2, default=str))
     else:
@@ -58,6 +63,18 @@ def split_classes(value: str | None) -> list[str] | None:
 
 
 def main() -> None:
-    from . import compose, decompose, demo, evaluate, experiment, inspect, tradeoff, train, variants  # noqa: F401
+    from . import (  # noqa: F401  (registers the commands)
+        compose,
+        decompose,
+        demo,
+        edit,
+        evaluate,
+        experiment,
+        inspect,
+        reuse,
+        tradeoff,
+        train,
+        variants,
+    )
 
     cli(prog_name="cnnmod")

@@ -8,6 +8,7 @@ import click
 
 from ..compose import SCORINGS
 from ..compose import compose as run_compose
+from ..energy import EnergyMeter
 from ..errors import CnnmodError
 from ..modules import ModuleSet
 from ..store import load_store, save_composition
@@ -28,15 +29,17 @@ def compose(sources: tuple[str, ...], out: Path, scoring: str, overwrite: bool, 
     """
     groups: list[ModuleSet] = []
     labels: list[str] = []
-    for source in sources:
-        modules, names = _parse_source(source)
-        groups.append(modules)
-        labels.extend(names)
-    composed = run_compose(groups, labels, scoring)
-    save_composition(out, composed, overwrite)
+    with EnergyMeter() as meter:
+        for source in sources:
+            modules, names = _parse_source(source)
+            groups.append(modules)
+            labels.extend(names)
+        composed = run_compose(groups, labels, scoring)
+        save_composition(out, composed, overwrite)
     emit(as_json, {"composition": str(out), "labels": list(composed.labels), "scoring": scoring,
                    "groups": [{"arch": g.parent.arch, "classes": list(g.class_names)} for g in composed.groups]},
-         f"wrote {out}: {len(composed)} modules from {len(groups)} parent(s), labels {', '.join(composed.labels)}")
+         f"wrote {out}: {len(composed)} modules from {len(groups)} parent(s), labels {', '.join(composed.labels)}",
+         meter.report)
 
 
 def _parse_source(source: str) -> tuple[ModuleSet, list[str]]:

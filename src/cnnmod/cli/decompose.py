@@ -9,6 +9,7 @@ import click
 
 from ..decompose import GRANULARITIES, VARIANTS, DecomposeConfig
 from ..decompose import decompose as run_decompose
+from ..energy import EnergyMeter
 from ..errors import StoreError
 from ..evaluate import relabel
 from ..store import save_store
@@ -50,11 +51,12 @@ def decompose(model: Path, arch: str | None, data_path: Path, data_format: str |
     labels = relabel(data.train.labels, data.train.classes, parent.classes)
     images, labels = data.train.images[labels >= 0], labels[labels >= 0]
     start = time.perf_counter()
-    modules, activity = run_decompose(parent, images, labels, config, split_classes(classes),
-                                      batch_size, device, progress=not as_json)
+    with EnergyMeter() as meter:
+        modules, activity = run_decompose(parent, images, labels, config, split_classes(classes),
+                                          batch_size, device, progress=not as_json)
     seconds = time.perf_counter() - start
     provenance = {"model": str(model), "data": str(data_path), "samples_observed": activity.num_samples,
-                  "seconds": seconds}
+                  "seconds": seconds, "energy": meter.report.to_json()}
     save_store(out, modules, activity, provenance, overwrite=overwrite)
     jaccard = modules.jaccard()
     emit(as_json,
@@ -63,5 +65,5 @@ def decompose(model: Path, arch: str | None, data_path: Path, data_format: str |
           "jaccard_mean": float(jaccard.mean()),
           "jaccard": dict(zip(modules.class_names, jaccard.tolist(), strict=True))},
          f"wrote {out}: {len(modules)} modules of {parent.arch} from {activity.num_samples} samples in "
-         f"{seconds:.1f}s; mean Jaccard index {float(jaccard.mean()):.4f}")
+         f"{seconds:.1f}s; mean Jaccard index {float(jaccard.mean()):.4f}", meter.report)
 

@@ -11,6 +11,7 @@ import click
 from ..data import load_dataset
 from ..decompose import DecomposeConfig
 from ..decompose import decompose as run_decompose
+from ..energy import EnergyMeter
 from ..evaluate import evaluate as run_evaluate
 from ..evaluate import overlap_matrix
 from ..modules import Parent
@@ -37,19 +38,23 @@ def demo(out_dir: Path, samples_per_class: int, device: str | None, as_json: boo
         model, info = load_model_file(model_path)
         data = load_dataset(sample_path, format="npz", progress=False)
     parent = Parent.from_model(model, info.input_spec, info.classes, info.arch)
-    start = time.perf_counter()
-    modules, activity = run_decompose(parent, data.train.images, data.train.labels,
-                                      DecomposeConfig(samples_per_class=samples_per_class), device=device,
-                                      progress=not as_json)
-    seconds = time.perf_counter() - start
-    store = save_store(out_dir / "store", modules, activity, {"model": f"cnnmod/assets/{MODEL}",
+    with EnergyMeter() as meter:
+        with meter.step("decompose"):
+            start = time.perf_counter()
+            modules, activity = run_decompose(parent, data.train.images, data.train.labels,
+                                              DecomposeConfig(samples_per_class=samples_per_class), device=device,
+                                              progress=not as_json)
+            seconds = time.perf_counter() - start
+        with meter.step("evaluate"):
+            store = save_store(out_dir / "store", modules, activity, {"model": f"cnnmod/assets/{MODEL}",
                                                                "data": f"cnnmod/assets/{SAMPLE}",
                                                                "seconds": seconds}, overwrite=True)
     result = run_evaluate(modules, data.test.images, data.test.labels, device=device, progress=not as_json)
     report = write_evaluation_report(out_dir, "embedded Fashion-MNIST CNN", result,
                                      overlap_matrix(modules).numpy())
-    payload = {**result.to_json(), "store": str(store), "report": str(report), "decompose_seconds": seconds}
+    payload = {**result.to_json(), "store": str(store), "report": str(report), "decompose_seconds": seconds,
+               "energy_steps": {k: v.to_json() for k, v in meter.steps.items()}}
     emit(as_json, payload,
          f"decomposed {info.arch} into {len(modules)} modules in {seconds:.1f}s "
          f"({activity.num_samples} training images observed)\n\n{format_evaluation(result)}\n"
-         f"store: {store}\nreport: {report}")
+         f"store: {store}\nreport: {report}", meter.report)

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..compose import SCORINGS
+from ..energy import EnergyMeter
 from ..evaluate import Evaluation, overlap_matrix, relabel
 from ..evaluate import evaluate as run_evaluate
 from ..store import load_store
@@ -39,10 +40,11 @@ def evaluate(store: Path, data_path: Path, data_format: str | None, classes: str
     images = data.images
     if limit:
         images, labels = images[:limit], labels[:limit]
-    result = run_evaluate(modules, images, labels, scoring, batch_size, device, progress=not as_json)
+    with EnergyMeter() as meter:
+        result = run_evaluate(modules, images, labels, scoring, batch_size, device, progress=not as_json)
     if report_dir is not None:
         write_evaluation_report(report_dir, str(store), result, overlap_matrix(modules).numpy())
-    emit(as_json, result.to_json(), format_evaluation(result))
+    emit(as_json, result.to_json(), format_evaluation(result), meter.report)
 
 
 def format_evaluation(result: Evaluation) -> str:

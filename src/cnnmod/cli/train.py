@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..energy import EnergyMeter
 from ..inputs import InputSpec
 from ..train import train_model
 from ..zoo import create_model, model_info, save_model_file
@@ -51,9 +52,10 @@ def train(arch: str, data_path: Path, data_format: str | None, classes: str | No
             click.echo(f"epoch {row['epoch']}: loss {row['train_loss']:.4f}, train {row['train_accuracy']:.4f}, "
                        f"held-out {row['val_accuracy']:.4f} ({row['seconds']:.0f}s)", err=True)
 
-    result = train_model(model, data, spec, epochs=epochs, batch_size=batch_size, lr=lr,
-                         weight_decay=weight_decay, val_fraction=val_fraction, seed=seed, device=device,
-                         progress=not as_json, on_epoch=report)
+    with EnergyMeter() as meter:
+        result = train_model(model, data, spec, epochs=epochs, batch_size=batch_size, lr=lr,
+                             weight_decay=weight_decay, val_fraction=val_fraction, seed=seed, device=device,
+                             progress=not as_json, on_epoch=report)
     extra = {"dataset": str(data_path), "epochs": epochs, "best_epoch": result.best_epoch,
              "best_val_accuracy": result.best_val_accuracy, "train_images": len(data), "seed": seed,
              "seconds": result.seconds}
@@ -61,4 +63,4 @@ def train(arch: str, data_path: Path, data_format: str | None, classes: str | No
     emit(as_json, {"model": str(out), "arch": arch, "classes": list(data.classes), **extra,
                    "history": result.history},
          f"wrote {out}: {arch}, best held-out accuracy {result.best_val_accuracy:.4f} at epoch "
-         f"{result.best_epoch} of {epochs} ({result.seconds:.0f}s)")
+         f"{result.best_epoch} of {epochs} ({result.seconds:.0f}s)", meter.report)

@@ -1,0 +1,194 @@
+"""`cnnmod replace`, `cnnmod remove` and `cnnmod repair ...`: new classifiers from a composition's modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..compose import ComposedClassifier, removed, reverified
+from ..compose import replace as replace_module
+from ..energy import EnergyMeter, EnergyReport
+from ..errors import CnnmodError
+from ..evaluate import evaluate_composed
+from ..store import load_composition, load_store, save_composition
+from .app import cli, device_option, emit, json_option, reports_errors, split_classes
+from .common import open_dataset
+
+composition_argument = click.argument("composition", type=click.Path(exists=True, file_okay=False, path_type=Path))
+out_option = click.option("--out", required=True, type=click.Path(path_type=Path), help="Composition folder to write.")
+data_option = click.option("--data", "data_path", type=click.Path(exists=True, path_type=Path), default=None,
+                           help="Report accuracy before and after on this dataset's test split.")
+
+
+def _finish(before: ComposedClassifier, after: ComposedClassifier, out: Path, data_path: Path | None,
+            pair: list[str], energy: EnergyReport, device: str | None, as_json: bool, what: str) -> None:
+    save_composition(out, after, overwrite=True)
+    payload: dict[str, Any] = {"composition": str(out), "labels": list(after.labels)}
+    text = [f"wrote {out}: {what}; labels {', '.join(after.labels)}"]
+    if data_path is not None:
+        test = open_dataset(data_path, None, None, True).test
+        for name, classifier in (("before", before), ("after", after)):
+            result = evaluate_composed(classifier, test.images, test.labels, test.classes, device=device)
+            payload[name] = result
+            line = f"{name}: top-1 {result['top1']:.4f} on {result['samples']} images"
+            if pair:
+                on_pair = test.subset([c for c in pair if c in test.classes])
+                pair_result = evaluate_composed(classifier, on_pair.images, on_pair.labels, on_pair.classes,
+                                                device=device)
+                payload[name]["pair_top1"] = pair_result["top1"]
+                line += f", {pair_result['top1']:.4f} on the pair's {pair_result['samples']} images"
+            text.append(line)
+    emit(as_json, payload, "\n".join(text), energy)
+
+
+@cli.command()
+@composition_argument
+@click.argument("label")
+@click.argument("source")
+@click.option("--as", "new_label", default=None, help="Label of the new module (default: LABEL).")
+@out_option
+@data_option
+@device_option
+@json_option
+@reports_errors
+def replace(composition: Path, label: str, source: str, new_label: str | None, out: Path, data_path: Path | None,
+            device: str | None, as_json: bool) -> None:
+    """Swap the module voting for LABEL for SOURCE (`STORE:class`), from any parent or dataset."""
+    store, sep, cls = source.partition(":")
+    if not sep:
+        raise CnnmodError(f"SOURCE is STORE:class, got {source!r}")
+    with EnergyMeter() as meter:
+        before = load_composition(composition)
+        after = replace_module(before, label, load_store(store, with_activity=False).modules.select([cls]), new_label)
+    _finish(before, after, out, data_path, [], meter.report, device, as_json, f"{label} replaced by {source}")
+
+
+@cli.command()
+@composition_argument
+@click.argument("label")
+@out_option
+@data_option
+@device_option
+@json_option
+@reports_errors
+def remove(composition: Path, label: str, out: Path, data_path: Path | None, device: str | None,
+           as_json: bool) -> None:
+    """Drop the module voting for LABEL."""
+    with EnergyMeter() as meter:
+        before = load_composition(composition)
+        after = removed(before, label)
+    _finish(before, after, out, data_path, [], meter.report, device, as_json, f"{label} removed")
+
+
+@cli.group()
+def repair() -> None:
+    """Repair a faulty class pair of a composed classifier (paper Figure 1): four options."""
+
+
+def _pair(value: str) -> list[str]:
+    pair = split_classes(value) or []
+    if len(pair) != 2:
+        raise CnnmodError(f"--pair takes two labels, a,b; got {value!r}")
+    return pair
+
+
+pair_option = click.option("--pair", required=True, help="The two labels the classifier confuses, a,b.")
+
+
+@repair.command("replace")
+@composition_argument
+@pair_option
+@click.option("--better", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Store of a better parent with modules for both classes.")
+@out_option
+@data_option
+@device_option
+@json_option
+@reports_errors
+def repair_replace(composition: Path, pair: str, better: Path, out: Path, data_path: Path | None,
+                   device: str | None, as_json: bool) -> None:
+    """Option 1: replace both modules with a better parent's."""
+    from ..repair import replace_from
+
+    labels = _pair(pair)
+    with EnergyMeter() as meter:
+        before = load_composition(composition)
+        after = replace_from(before, labels, load_store(better, with_activity=False).modules)
+    _finish(before, after, out, data_path, labels, meter.report, device, as_json, f"{pair} from {better}")
+
+
+@repair.command("retrain")
+@composition_argument
+@pair_option
+@click.option("--train-data", required=True, type=click.Path(exists=True, path_type=Path),
+              help="Dataset whose training split holds both classes.")
+@click.option("--arch", default="resnet20", show_default=True)
+@click.option("--epochs", default=10, show_default=True)
+@click.option("--samples-per-class", default=1000, show_default=True)
+@click.option("--pair-store", type=click.Path(path_type=Path), default=None,
+              help="Also keep the pair model's store here (for `repair reverify`).")
+@out_option
+@data_option
+@device_option
+@json_option
+@reports_errors
+def repair_retrain(composition: Path, pair: str, train_data: Path, arch: str, epochs: int, samples_per_class: int,
+                   pair_store: Path | None, out: Path, data_path: Path | None, device: str | None,
+                   as_json: bool) -> None:
+    """Option 2: train a small model on the pair, decompose it, replace both modules with its modules."""
+    from ..decompose import DecomposeConfig
+    from ..repair import pair_modules, replace_from, train_pair_model
+    from ..store import save_store
+
+    labels = _pair(pair)
+    before = load_composition(composition)
+    spec = next(g.parent.input_spec for g in before.groups if set(labels) & set(g.class_names))
+    data = open_dataset(train_data, None, None, as_json).train
+    with EnergyMeter() as meter:
+        parent = train_pair_model(arch, data, labels, spec, epochs, device=device, progress=not as_json)
+        modules = pair_modules(parent, data, DecomposeConfig(samples_per_class=samples_per_class), device,
+                               not as_json)
+        after = replace_from(before, labels, modules)
+    if pair_store is not None:
+        save_store(pair_store, modules, overwrite=True)
+    _finish(before, after, out, data_path, labels, meter.report, device, as_json,
+            f"{pair} from a {arch} trained on the pair")
+
+
+@repair.command("remove")
+@composition_argument
+@click.option("--label", required=True, help="The label the fault predicts wrongly (e.g. gorilla).")
+@out_option
+@data_option
+@device_option
+@json_option
+@reports_errors
+def repair_remove(composition: Path, label: str, out: Path, data_path: Path | None, device: str | None,
+                  as_json: bool) -> None:
+    """Option 3: remove the faulty module."""
+    with EnergyMeter() as meter:
+        before = load_composition(composition)
+        after = removed(before, label)
+    _finish(before, after, out, data_path, [label], meter.report, device, as_json, f"{label} removed")
+
+
+@repair.command("reverify")
+@composition_argument
+@pair_option
+@click.option("--pair-store", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Store of a model trained on the pair (see `repair retrain --pair-store`).")
+@out_option
+@data_option
+@device_option
+@json_option
+@reports_errors
+def repair_reverify(composition: Path, pair: str, pair_store: Path, out: Path, data_path: Path | None,
+                    device: str | None, as_json: bool) -> None:
+    """Option 4: keep the classifier, re-decide its predictions of the pair with the pair model's modules."""
+    labels = _pair(pair)
+    with EnergyMeter() as meter:
+        before = load_composition(composition)
+        after = reverified(before, labels, load_store(pair_store, with_activity=False).modules.select(labels))
+    _finish(before, after, out, data_path, labels, meter.report, device, as_json, f"{pair} re-verified")

@@ -1,0 +1,72 @@
+"""`cnnmod reuse`: compose modules from different datasets with continuous learning (paper 3.5)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import numpy as np
+
+from ..compose import compose
+from ..energy import EnergyMeter
+from ..errors import CnnmodError
+from ..modules import ModuleSet
+from ..reuse import activity_on, forget, own_activity, recalibrate
+from ..store import load_store, save_composition
+from .app import cli, device_option, emit, json_option, reports_errors
+from .common import open_dataset
+
+
+@cli.command()
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--data", "data_paths", multiple=True, required=True, type=click.Path(exists=True, path_type=Path),
+              help="One per SOURCE, in order: the dataset its classes come from (training split is used).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Composition folder to write.")
+@click.option("--recalibrate", "refit", is_flag=True, help="Also refit each module's 2-output head.")
+@click.option("--samples", default=300, show_default=True, help="Images per class for learning and recalibration.")
+@click.option("--seed", default=0, show_default=True)
+@device_option
+@json_option
+@reports_errors
+def reuse(sources: tuple[str, ...], data_paths: tuple[Path, ...], out: Path, refit: bool, samples: int, seed: int,
+          device: str | None, as_json: bool) -> None:
+    """Compose SOURCES (`STORE:class,...`, one per dataset) so that each module forgets what only the other
+    datasets' classes activate; labels are the class names and must be unique."""
+    if len(sources) != len(data_paths):
+        raise CnnmodError(f"{len(sources)} sources need {len(sources)} --data, got {len(data_paths)}")
+    groups: list[ModuleSet] = []
+    images: list[list[np.ndarray]] = []
+    activities = []
+    rng = np.random.default_rng(seed)
+    for source, data_path in zip(sources, data_paths, strict=True):
+        store_path, _, spec = source.partition(":")
+        store = load_store(store_path)
+        if store.activity is None:
+            raise CnnmodError(f"{store_path} holds no activity counts; decompose it again")
+        modules = store.modules.select(spec.split(",")) if spec else store.modules
+        train = open_dataset(data_path, None, None, as_json).train
+        per_class = [train.images[rng.permutation(np.flatnonzero(train.labels == train.classes.index(c)))[:samples]]
+                     for c in modules.class_names]
+        groups.append(modules)
+        images.append(per_class)
+        activities.append(store.activity)
+    with EnergyMeter() as meter:
+        with meter.step("continuous learning"):
+            learned = []
+            for i, modules in enumerate(groups):
+                others = np.concatenate([x for j, sets in enumerate(images) if j != i for x in sets])
+                learned.append(forget(modules, own_activity(modules, activities[i]),
+                                      activity_on(modules, others, device=device), len(others)))
+        if refit:
+            with meter.step("recalibration"):
+                for i, modules in enumerate(learned):
+                    others = np.concatenate([x for j, sets in enumerate(images) if j != i for x in sets])
+                    learned[i] = recalibrate(modules, images[i], others, device=device).modules
+        composed = compose(learned)
+    save_composition(out, composed, overwrite=True)
+    emit(as_json, {"composition": str(out), "labels": list(composed.labels), "recalibrated": refit,
+                   "jaccard": {n: float(j) for g in learned for n, j in zip(g.class_names, g.jaccard().tolist(),
+                                                                             strict=True)},
+                   "energy_steps": {k: v.to_json() for k, v in meter.steps.items()}},
+         f"wrote {out}: {', '.join(composed.labels)} with continuous learning"
+         f"{' and recalibrated heads' if refit else ''}", meter.report)
