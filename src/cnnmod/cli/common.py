@@ -69,12 +69,12 @@ def head_size(path: Path, arch: str) -> int:
 
 
 def _has_cnnmod_metadata(path: Path) -> bool:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             return "arch" in (f.metadata() or {})
-    except Exception:  # not readable as safetensors: treated as a checkpoint, which reports its own error
+    except (SafetensorError, OSError):  # unreadable: loaded as a checkpoint, which reports its own error
         return False
 
 
