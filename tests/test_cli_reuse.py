@@ -201,10 +201,6 @@ def test_repair_remove(cnnmod_cli: Cli, composition: Path, tmp_path: Path) -> No
                  "'purple'")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="BUG: `repair remove --data` scores the removed label's test images as 'the pair' with the "
-                   "classifier that no longer has that label: evaluate_composed raises 'none of the data's classes "
-                   "is a label of the composed classifier' and the command exits 1")
 def test_repair_remove_with_data_reports_before_and_after(cnnmod_cli: Cli, composition: Path, tiny_data: Path,
                                                           tmp_path: Path) -> None:
     payload = ok_json(cnnmod_cli("repair", "remove", composition, "--label", "red", "--out", tmp_path / "o",

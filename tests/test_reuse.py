@@ -4,6 +4,8 @@ disk."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -398,9 +400,6 @@ def test_removing_a_reverified_label_drops_its_reverifier_and_replacing_keeps_it
     assert kept.predict(rows(A_IMG, B_IMG, C_IMG)).tolist() == [0, 1, 2]
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="BUG: replace(..., new_label=...) keeps a reverifier that names the old label, so predict "
-                   "raises ValueError ('b' is not in tuple) instead of dropping or refusing it")
 def test_replacing_a_reverified_label_under_a_new_name_still_predicts() -> None:
     fixed = reverified(faulty(), ["a", "b"], correct_pair())
     new = replace(fixed, "b", known_modules([[0.0, 1.0, 0.0]], (1,)), new_label="bee")
@@ -413,7 +412,7 @@ def test_replacing_a_reverified_label_under_a_new_name_still_predicts() -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_composition_round_trip_with_reverifier_and_two_parents(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_composition_round_trip_with_reverifier_and_two_parents(tmp_path: Path) -> None:
     rgb, grey = rgb_parent(), grey_parent()
     a = all_modules(rgb).select(["cat", "dog"])
     b = all_modules(grey, seed=1).select(["cat", "shoe"])
@@ -435,7 +434,7 @@ def test_composition_round_trip_with_reverifier_and_two_parents(tmp_path) -> Non
     assert load_composition(path).labels == ("cat", "dog", "grey cat")
 
 
-def test_a_plain_store_loads_as_a_composition_of_all_its_modules(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_plain_store_loads_as_a_composition_of_all_its_modules(tmp_path: Path) -> None:
     modules = all_modules(grey_parent())
     path = save_store(tmp_path / "store", modules)
     loaded = load_composition(path)

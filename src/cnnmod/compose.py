@@ -79,8 +79,9 @@ def replace(composed: ComposedClassifier, label: str, modules: ModuleSet,
     if len(modules) != 1:
         raise CnnmodError(f"replace takes exactly one module, got {len(modules)}")
     groups, labels = _without(composed, label)
-    return with_reverifiers(compose([*groups, modules], [*labels, new_label or label], composed.scoring),
-                            composed.reverifiers)
+    renamed = new_label not in (None, label)
+    kept = [rv for rv in composed.reverifiers if not (renamed and label in rv.labels)]
+    return with_reverifiers(compose([*groups, modules], [*labels, new_label or label], composed.scoring), kept)
 
 
 def removed(composed: ComposedClassifier, label: str) -> ComposedClassifier:

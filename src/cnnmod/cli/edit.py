@@ -33,8 +33,9 @@ def _finish(before: ComposedClassifier, after: ComposedClassifier, out: Path, da
             result = evaluate_composed(classifier, test.images, test.labels, test.classes, device=device)
             payload[name] = result
             line = f"{name}: top-1 {result['top1']:.4f} on {result['samples']} images"
-            if pair:
-                on_pair = test.subset([c for c in pair if c in test.classes])
+            known = [c for c in pair if c in test.classes and c in classifier.labels]
+            if known:
+                on_pair = test.subset(known)
                 pair_result = evaluate_composed(classifier, on_pair.images, on_pair.labels, on_pair.classes,
                                                 device=device)
                 payload[name]["pair_top1"] = pair_result["top1"]
