@@ -26,8 +26,9 @@ class Sweep:
 
 
 def sweep(store_path: Path, data: ImageSet, rhos: Sequence[float], granularities: Sequence[str],
-          limit: int | None = None, batch_size: int = 256, device: torch.device | str | None = None,
-          progress: bool = True, scoring: str = "softmax") -> Sweep:
+          batch_size: int = 256, device: torch.device | str | None = None, progress: bool = True,
+          scoring: str = "softmax") -> Sweep:
+    """One row per (granularity, rho): masks from the store's recorded activity, composed top-1 on `data`."""
     store = load_store(store_path)
     if store.activity is None:
         raise CnnmodError(f"{store_path} holds no activity counts; decompose again to record them")
@@ -35,8 +36,8 @@ def sweep(store_path: Path, data: ImageSet, rhos: Sequence[float], granularities
     parent = store.modules.parent
     names = tuple(parent.classes[i] for i in store.activity.chosen)
     labels = relabel(data.labels, data.classes, names)
-    images = data.images[labels >= 0][:limit]
-    targets = torch.as_tensor(labels[labels >= 0][:limit])
+    images = data.images[labels >= 0]
+    targets = torch.as_tensor(labels[labels >= 0])
     columns = torch.tensor(store.activity.chosen)
     parent_top1 = topk_accuracy(parent.logits(images, batch_size, device)[:, columns], targets, 1)
     rows = []

@@ -20,7 +20,7 @@ from .common import data_options, open_dataset
 @data_options
 @click.option("--scoring", type=click.Choice(SCORINGS), default="softmax", show_default=True)
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
-@click.option("--limit", type=int, default=None, help="Evaluate on the first N images only.")
+@click.option("--limit", type=int, default=None, help="Evaluate on N images spread evenly over the classes.")
 @click.option("--batch-size", default=256, show_default=True)
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write a Markdown report with plots to this folder.")
@@ -35,11 +35,9 @@ def evaluate(store: Path, data_path: Path, data_format: str | None, classes: str
     chosen = split_classes(classes)
     if chosen:
         modules = modules.select(chosen)
-    data = getattr(open_dataset(data_path, data_format, None, as_json), split)
+    data = getattr(open_dataset(data_path, data_format, None, as_json), split).spread(limit)
     labels = relabel(data.labels, data.classes, modules.class_names)
     images = data.images
-    if limit:
-        images, labels = images[:limit], labels[:limit]
     with EnergyMeter() as meter:
         result = run_evaluate(modules, images, labels, scoring, batch_size, device, progress=not as_json)
     if report_dir is not None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from ..data import Dataset
 from ..decompose import DecomposeConfig
 from ..errors import CnnmodError
 from ..experiments import Experiment
@@ -159,16 +160,8 @@ def intra_replace(weak: Path, weak_arch: str | None, strong: Path, strong_arch: 
     _finish(result, out, {}, "class", as_json)
 
 
-def _spread(data, limit: int):  # type: ignore[no-untyped-def]
-    """The dataset with `limit` test images taken evenly over its classes."""
-    import numpy as np
-
-    from ..data import Dataset
-
-    per_class = max(1, limit // len(data.classes))
-    keep = np.sort(np.concatenate([np.flatnonzero(data.test.labels == c)[:per_class]
-                                   for c in range(len(data.classes))]))
-    return Dataset(data.name, data.train, data.test.take(keep))
+def _spread(data: Dataset, limit: int) -> Dataset:
+    return Dataset(data.name, data.train, data.test.spread(limit))
 
 
 @experiment.command("inter-replace")

@@ -20,7 +20,7 @@ from .common import data_options, open_dataset, open_parent
 @click.option("--samples-per-class", default=1000, show_default=True)
 @click.option("--tangling-ratio", default=1.0, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--limit", type=int, default=None, help="Evaluate on the first N test images only.")
+@click.option("--limit", type=int, default=None, help="Evaluate on N test images spread evenly over the classes.")
 @click.option("--batch-size", default=256, show_default=True)
 @click.option("--input-size", type=int, default=None)
 @device_option
@@ -35,9 +35,10 @@ def variants(model: Path, arch: str | None, data_path: Path, data_format: str | 
     data = open_dataset(data_path, data_format, None, as_json)
     parent = open_parent(model, arch, data.classes, input_size)
     train_labels = relabel(data.train.labels, data.train.classes, parent.classes)
-    test_labels = relabel(data.test.labels, data.test.classes, parent.classes)
+    test = data.test.spread(limit)
+    test_labels = relabel(test.labels, test.classes, parent.classes)
     keep = test_labels >= 0
-    test_images, test_labels = data.test.images[keep][:limit], test_labels[keep][:limit]
+    test_images, test_labels = test.images[keep], test_labels[keep]
     config = DecomposeConfig(samples_per_class=samples_per_class, tangling_ratio=tangling_ratio, seed=seed)
     rows = compare_variants(parent, (data.train.images[train_labels >= 0], train_labels[train_labels >= 0]),
                             (test_images, test_labels), config, batch_size=batch_size, device=device,

@@ -76,6 +76,15 @@ class ImageSet:
             idx = idx.astype(np.int64, copy=False)
         return ImageSet(self.images[idx], self.labels[idx], self.classes)
 
+    def spread(self, limit: int | None) -> ImageSet:
+        """At most `limit` images taken evenly over the classes (the first of each, in order): files are
+        often sorted by class, so the first `limit` images would hold only the first classes."""
+        if limit is None or limit >= len(self):
+            return self
+        per_class = max(1, limit // len(self.classes))
+        keep = np.concatenate([np.flatnonzero(self.labels == c)[:per_class] for c in range(len(self.classes))])
+        return self.take(np.sort(keep))
+
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
