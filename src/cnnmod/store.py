@@ -15,6 +15,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,16 +58,23 @@ def save_store(path: Path | str, modules: ModuleSet, activity: Activity | None =
                provenance: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
     """Write a store folder atomically; an existing folder is replaced only with `overwrite`."""
     path = Path(path)
+    with _atomic_folder(path, overwrite) as tmp:
+        _write(tmp, modules, activity, provenance or {})
+    return path
+
+
+@contextmanager
+def _atomic_folder(path: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary folder beside `path` to fill; renamed into place when the block succeeds, else removed."""
     if path.exists() and not overwrite:
         raise StoreError(f"{path} exists; choose another --out or pass --overwrite")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        _write(tmp, modules, activity, provenance or {})
+        yield tmp
         _swap_into_place(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return path
 
 
 def _swap_into_place(tmp: Path, path: Path) -> None:
@@ -201,11 +210,7 @@ COMPOSITION_FORMAT = "cnnmod.composition"
 def save_composition(path: Path | str, composed: ComposedClassifier, overwrite: bool = False) -> Path:
     """A composed classifier as a folder: one store per parent group (its modules only) and the labels."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise StoreError(f"{path} exists; choose another --out or pass --overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with _atomic_folder(path, overwrite) as tmp:
         groups, offset = [], 0
         for i, group in enumerate(composed.groups):
             _write_group(tmp / f"group{i}", group)
@@ -218,9 +223,6 @@ def save_composition(path: Path | str, composed: ComposedClassifier, overwrite: 
         manifest = {"format": COMPOSITION_FORMAT, "version": VERSION, "cnnmod_version": __version__,
                     "scoring": composed.scoring, "groups": groups, "reverifiers": reverifiers}
         atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2))
-        _swap_into_place(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

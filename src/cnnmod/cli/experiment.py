@@ -71,6 +71,26 @@ common = [
 ]
 
 
+def two_parents(f):  # type: ignore[no-untyped-def]
+    """Options naming parent A (default: the shared ResNet-20 on CIFAR-10) and parent B (default: the embedded
+    Fashion-MNIST CNN)."""
+    options = [
+        click.option("--model-a", type=click.Path(exists=True, path_type=Path),
+                     default=SHARED / "models/resnet20-12fca82f.th", show_default=True),
+        click.option("--arch-a", default="resnet20", show_default=True),
+        click.option("--data-a", type=click.Path(exists=True, path_type=Path),
+                     default=SHARED / "data/cifar10-jpg.tar.gz", show_default=True),
+        click.option("--model-b", type=click.Path(exists=True, path_type=Path), default=None,
+                     help="Default: the embedded Fashion-MNIST CNN."),
+        click.option("--arch-b", default=None),
+        click.option("--data-b", type=click.Path(exists=True, path_type=Path),
+                     default=Path("/usr/share/datasets/fashion-mnist"), show_default=True),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 def with_common(f):  # type: ignore[no-untyped-def]
     for option in reversed(common):
         f = option(f)
@@ -98,16 +118,7 @@ def intra_reuse(model: Path, arch: str, data_path: Path, pairs: str, epochs: int
 
 
 @experiment.command("inter-reuse")
-@click.option("--model-a", type=click.Path(exists=True, path_type=Path),
-              default=SHARED / "models/resnet20-12fca82f.th", show_default=True)
-@click.option("--arch-a", default="resnet20", show_default=True)
-@click.option("--data-a", type=click.Path(exists=True, path_type=Path),
-              default=SHARED / "data/cifar10-jpg.tar.gz", show_default=True)
-@click.option("--model-b", type=click.Path(exists=True, path_type=Path), default=None,
-              help="Default: the embedded Fashion-MNIST CNN.")
-@click.option("--arch-b", default=None)
-@click.option("--data-b", type=click.Path(exists=True, path_type=Path),
-              default=Path("/usr/share/datasets/fashion-mnist"), show_default=True)
+@two_parents
 @click.option("--pairs", default="cat:Bag,automobile:Sneaker,dog:Shirt", show_default=True,
               help="class of A:class of B, ...")
 @click.option("--calibration-samples", default=300, show_default=True)
@@ -165,16 +176,7 @@ def _spread(data: Dataset, limit: int) -> Dataset:
 
 
 @experiment.command("inter-replace")
-@click.option("--model-a", type=click.Path(exists=True, path_type=Path),
-              default=SHARED / "models/resnet20-12fca82f.th", show_default=True)
-@click.option("--arch-a", default="resnet20", show_default=True)
-@click.option("--data-a", type=click.Path(exists=True, path_type=Path),
-              default=SHARED / "data/cifar10-jpg.tar.gz", show_default=True)
-@click.option("--model-b", type=click.Path(exists=True, path_type=Path), default=None,
-              help="Default: the embedded Fashion-MNIST CNN.")
-@click.option("--arch-b", default=None)
-@click.option("--data-b", type=click.Path(exists=True, path_type=Path),
-              default=Path("/usr/share/datasets/fashion-mnist"), show_default=True)
+@two_parents
 @click.option("--replacements", default="truck:Sneaker,frog:Bag", show_default=True,
               help="class of A:class of B that takes its place, ...")
 @click.option("--limit", type=int, default=2000, show_default=True)
