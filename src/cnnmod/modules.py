@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from .errors import CnnmodError
 from .inputs import InputSpec
@@ -68,9 +69,9 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _batched(fn, images: np.ndarray, batch_size: int, progress: bool, desc: str) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    from tqdm.auto import tqdm
-
+def _batched(fn: Callable[[np.ndarray], torch.Tensor], images: np.ndarray, batch_size: int, progress: bool,
+             desc: str) -> torch.Tensor:
+    """`fn` over `images` in batches, without autograd; outputs concatenated on the CPU."""
     outs = []
     with torch.inference_mode():
         for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
@@ -182,9 +183,7 @@ class ModuleSet:
         for start in range(0, len(self), chunk):
             names = self.class_names[start:start + chunk]
             net = self.select(names).network(device)
-            per_batch = max(1, batch_size // len(names))
-            parts.append(_batched(lambda x, net=net: net(self.parent.input_spec.prepare(x, device)), images,
-                                  per_batch, progress, "modules"))
+            parts.append(self._run(net, images, max(1, batch_size // len(names)), device, progress, "modules"))
         return torch.cat(parts, dim=1)
 
     def features(self, images: np.ndarray, batch_size: int = 256, device: torch.device | str | None = None,
@@ -192,9 +191,11 @@ class ModuleSet:
         """What each module's head reads, with the module's masks applied: (N, M, F)."""
         device = resolve_device(device)
         net = self.network(device, features=True)
-        per_batch = max(1, batch_size // len(self))
-        return _batched(lambda x: net(self.parent.input_spec.prepare(x, device)), images, per_batch, progress,
-                        "features")
+        return self._run(net, images, max(1, batch_size // len(self)), device, progress, "features")
+
+    def _run(self, net: nn.Module, images: np.ndarray, batch_size: int, device: torch.device, progress: bool,
+             desc: str) -> torch.Tensor:
+        return _batched(lambda x: net(self.parent.input_spec.prepare(x, device)), images, batch_size, progress, desc)
 
     def scores(self, images: np.ndarray, scoring: str = "softmax", batch_size: int = 256,
                device: torch.device | str | None = None, progress: bool = False) -> torch.Tensor:
