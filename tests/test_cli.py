@@ -18,28 +18,13 @@ import torch
 from click.testing import Result
 
 from cnnmod.zoo import load_model_file
+from fixtures.cli import assert_error, ok_json
 
 Cli = Callable[..., Result]
 TINY_CLASSES = ["red", "green", "blue"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def ok_json(result: Result) -> dict:
-    """The --json object of a command that must have succeeded."""
-    assert result.exit_code == 0, f"exit {result.exit_code}: {result.stderr}"
-    return json.loads(result.stdout)
-
-
-def assert_error(result: Result, *words: str) -> str:
-    """Exit code 1, one `error: ...` line on stderr naming `words`, no traceback; returns the line."""
-    assert result.exit_code == 1, f"exit {result.exit_code}; stdout: {result.stdout}; stderr: {result.stderr}"
-    assert isinstance(result.exception, SystemExit), f"uncaught {result.exception!r}"
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for word in words:
-        assert word in lines[0], f"{word!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 def store_copy(store: Path, tmp_path: Path) -> Path:

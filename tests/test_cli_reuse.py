@@ -18,26 +18,12 @@ import cnnmod.cli.compose
 import cnnmod.cli.edit
 import cnnmod.cli.reuse  # noqa: F401  (register the commands under test)
 from cnnmod.store import load_composition, load_store
+from fixtures.cli import assert_error, ok_json
 
 Cli = Callable[..., Result]
 TINY = ["red", "green", "blue"]
 
 
-def ok_json(result: Result) -> dict:
-    assert result.exit_code == 0, f"exit {result.exit_code}: {result.stderr}"
-    return json.loads(result.stdout)
-
-
-def assert_error(result: Result, *words: str) -> str:
-    """Exit code 1, one `error: ...` line on stderr naming `words`, no traceback."""
-    assert result.exit_code == 1, f"exit {result.exit_code}; stdout: {result.stdout}; stderr: {result.stderr}"
-    assert isinstance(result.exception, SystemExit), f"uncaught {result.exception!r}"
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for word in words:
-        assert word in lines[0], f"{word!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 def assert_energy(energy: dict) -> None:

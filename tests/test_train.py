@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,17 +40,6 @@ def coloured_squares(n_per_class: int = 100, size: int = 16, seed: int = 0) -> I
 
 
 SPEC = InputSpec.default((16, 16), 3)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models train faster on one thread, and a shared 2-core machine makes two threads spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _train(data: Images, **kw: object) -> object:

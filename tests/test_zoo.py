@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,17 +29,6 @@ MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
 RESNET20 = MODELS / "resnet20-12fca82f.th"
 RESNET56 = MODELS / "resnet56-4bfd9763.th"
 
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Small batches run faster on one thread, and a shared 2-core machine makes two threads spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _expected_names() -> set[str]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from cnnmod.errors import StoreError
+from cnnmod.fileio import atomic_write_bytes
 
 __all__ = [
     "markdown_table",
@@ -42,28 +42,13 @@ _MAX_INCHES = 40.0
 # ---------------------------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, fsync it and rename it onto `path`.
-
-    The parent folder is created if missing; any OSError becomes one-line StoreError and leaves no temp file.
-    """
+def _write(path: Path, data: bytes) -> None:
+    """Atomic write that creates the folder first."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
         raise StoreError(f"cannot write {path}: {e.strerror or e}") from e
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise StoreError(f"cannot write {path}: {e.strerror or e}") from e
-        raise
+    atomic_write_bytes(path, data)
 
 
 def _save_figure(fig: Figure, path: Path | str) -> Path:
@@ -76,7 +61,7 @@ def _save_figure(fig: Figure, path: Path | str) -> Path:
         canvas.print_png(buffer)
     finally:
         fig.clear()
-    _atomic_write(path, buffer.getvalue())
+    _write(path, buffer.getvalue())
     return path
 
 
@@ -326,7 +311,7 @@ def write_report(
             alt = _one_line(caption).replace("[", "\\[").replace("]", "\\]")
             figures.append(f"![{alt}]({_image_link(image, path.parent)})\n")
         parts.append("\n".join(figures))
-    _atomic_write(path, "\n".join(parts).encode("utf-8"))
+    _write(path, "\n".join(parts).encode("utf-8"))
     return path
 
 
