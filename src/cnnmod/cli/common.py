@@ -8,7 +8,7 @@ import click
 import torch
 
 from ..data import Dataset, load_dataset
-from ..errors import CnnmodError, ModelError
+from ..errors import ModelError
 from ..inputs import InputSpec
 from ..modules import Parent
 
@@ -76,8 +76,3 @@ def _has_cnnmod_metadata(path: Path) -> bool:
             return "arch" in (f.metadata() or {})
     except (SafetensorError, OSError):  # unreadable: loaded as a checkpoint, which reports its own error
         return False
-
-
-def require(condition: bool, message: str) -> None:
-    if not condition:
-        raise CnnmodError(message)
