@@ -195,8 +195,10 @@ def test_rapl_sees_every_wrap_and_steps_add_up(tmp_path: Path) -> None:
     assert m.steps["one"].cpu_watts * m.steps["one"].seconds == pytest.approx(2.0, rel=REL)
     assert m.steps["two"].cpu_watts * m.steps["two"].seconds == pytest.approx(998.0, rel=REL)
     assert m.report.cpu_watts * m.report.seconds == pytest.approx(1003.0, rel=REL)
-    assert m.report.kwh == pytest.approx(m.steps["one"].kwh + m.steps["two"].kwh + 1.58 * 3 / 3.6e6
-                                         + 1.58 * m.report.dram_watts * m.report.seconds / 3.6e6, rel=1e-6)
+    # the untracked 3 J of CPU are in the total; DRAM is estimated per interval from the wall clock, so only
+    # its sign is known here (the exact add-up is test_report_is_exactly_steps_plus_remainder)
+    untracked_cpu_kwh = 1.58 * 3 / 3.6e6
+    assert m.report.kwh >= (m.steps["one"].kwh + m.steps["two"].kwh + untracked_cpu_kwh) * (1 - 1e-9)
 
 
 def test_rapl_unreadable_falls_back_to_estimate(tmp_path: Path) -> None:
