@@ -13,22 +13,13 @@ from cnnmod.compose import compose
 from cnnmod.decompose import DecomposeConfig, channel_heads, decompose
 from cnnmod.errors import CnnmodError
 from cnnmod.metrics import parameter_counts, precision_recall, topk_accuracy
-from cnnmod.modules import ModuleSet, Parent
-from fixtures.nets import DenseNet, GapConvNet, RandomConvNet, parent_of
+from cnnmod.modules import ModuleSet
+from fixtures.nets import DenseNet, GapConvNet, RandomConvNet, parent_of, random_modules
 
 # ---------------------------------------------------------------------------------------------------------
 # Masked forward
 # ---------------------------------------------------------------------------------------------------------
 
-
-def random_modules(parent: Parent, keep: float = 0.7, seed: int = 0) -> ModuleSet:
-    """One module per class with random keep-masks (probability `keep`) and channeled heads."""
-    g = torch.Generator().manual_seed(seed)
-    sites = parent.model.sites["relu"]
-    k = parent.num_classes
-    masks = {s.name: torch.rand(k, *s.shape, generator=g) < keep for s in sites}
-    w, b = channel_heads(parent.model.head.weight, parent.model.head.bias, range(k))
-    return ModuleSet(parent, tuple(range(k)), sites, masks, w, b)
 
 
 def by_hand(net: RandomConvNet, x: torch.Tensor, masks: list[torch.Tensor], w: torch.Tensor,

@@ -19,7 +19,7 @@ from cnnmod.inputs import InputSpec
 from cnnmod.modules import ModuleSet, Parent
 from cnnmod.reuse import activity_on, forget, own_activity, recalibrate
 from cnnmod.store import load_composition, save_composition, save_store
-from fixtures.nets import DenseNet, RandomConvNet, parent_of, set_weights
+from fixtures.nets import DenseNet, RandomConvNet, parent_of, random_modules, set_weights
 
 
 class RgbNet(nn.Module):
@@ -37,15 +37,6 @@ class RgbNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(F.adaptive_avg_pool2d(F.relu(self.conv(x)), 1).flatten(1))
 
-
-def all_modules(parent: Parent, keep: float = 0.8, seed: int = 0) -> ModuleSet:
-    """One module per class with random keep-masks and channeled heads."""
-    g = torch.Generator().manual_seed(seed)
-    sites = parent.model.sites["relu"]
-    k = parent.num_classes
-    masks = {s.name: torch.rand(k, *s.shape, generator=g) < keep for s in sites}
-    w, b = channel_heads(parent.model.head.weight, parent.model.head.bias, range(k))
-    return ModuleSet(parent, tuple(range(k)), sites, masks, w, b)
 
 
 def rgb_parent() -> Parent:
@@ -89,8 +80,8 @@ def normalised(x: torch.Tensor, spec: InputSpec) -> torch.Tensor:
 @pytest.mark.parametrize(("size", "channels"), [(8, 3), (6, 1), (10, 3), (6, 3), (8, 1)])
 def test_composed_modules_of_two_input_specs_score_raw_images_of_either(size: int, channels: int) -> None:
     rgb, grey = rgb_parent(), grey_parent()
-    a = all_modules(rgb).select(["dog", "car"])
-    b = all_modules(grey, seed=1).select(["shoe", "bag", "shirt"])
+    a = random_modules(rgb, keep=0.8).select(["dog", "car"])
+    b = random_modules(grey, keep=0.8, seed=1).select(["shoe", "bag", "shirt"])
     composed = compose([a, b])
     assert composed.labels == ("dog", "car", "shoe", "bag", "shirt")
     images = uint8_images(7, size, channels)
@@ -115,14 +106,14 @@ def test_composed_modules_of_two_input_specs_score_raw_images_of_either(size: in
 
 def test_images_of_the_parents_own_format_reach_it_unchanged() -> None:
     grey = grey_parent()
-    modules = all_modules(grey)
+    modules = random_modules(grey, keep=0.8)
     images = uint8_images(5, 6, 1)
     assert torch.allclose(compose([modules]).scores(images), modules.scores(as_float(images).numpy()), atol=1e-6)
 
 
 def test_same_class_name_from_two_parents_is_a_clash_until_labels_are_given() -> None:
-    a = all_modules(rgb_parent()).select(["cat", "dog"])
-    b = all_modules(grey_parent()).select(["cat"])
+    a = random_modules(rgb_parent(), keep=0.8).select(["cat", "dog"])
+    b = random_modules(grey_parent(), keep=0.8).select(["cat"])
     with pytest.raises(CnnmodError, match="'cat'.*map labels explicitly"):
         compose([a, b])
     composed = compose([a, b], ["cat", "dog", "sketched cat"])
@@ -199,7 +190,7 @@ def manual_activity(net: RandomConvNet, x: torch.Tensor) -> list[torch.Tensor]:
 def test_activity_on_counts_active_nodes_of_the_unmasked_parent() -> None:
     net = RandomConvNet(seed=3).eval()
     parent = parent_of(net, (6, 6))
-    modules = all_modules(parent, keep=0.0)  # nothing kept: the counts are the parent's, not the modules'
+    modules = random_modules(parent, keep=0.0)  # nothing kept: the counts are the parent's, not the modules'
     images = uint8_images(11, 6, 1, seed=4)
     counts = activity_on(modules, images, batch_size=4)
     sites = parent.model.sites["relu"]
@@ -414,9 +405,9 @@ def test_replacing_a_reverified_label_under_a_new_name_still_predicts() -> None:
 
 def test_composition_round_trip_with_reverifier_and_two_parents(tmp_path: Path) -> None:
     rgb, grey = rgb_parent(), grey_parent()
-    a = all_modules(rgb).select(["cat", "dog"])
-    b = all_modules(grey, seed=1).select(["cat", "shoe"])
-    pair = all_modules(rgb, keep=0.5, seed=7).select(["cat", "dog"])
+    a = random_modules(rgb, keep=0.8).select(["cat", "dog"])
+    b = random_modules(grey, keep=0.8, seed=1).select(["cat", "shoe"])
+    pair = random_modules(rgb, keep=0.5, seed=7).select(["cat", "dog"])
     composed = reverified(compose([a, b], ["cat", "dog", "grey cat", "shoe"], "logit"), ["cat", "dog"], pair)
     path = save_composition(tmp_path / "comp", composed)
     loaded = load_composition(path)
@@ -435,7 +426,7 @@ def test_composition_round_trip_with_reverifier_and_two_parents(tmp_path: Path) 
 
 
 def test_a_plain_store_loads_as_a_composition_of_all_its_modules(tmp_path: Path) -> None:
-    modules = all_modules(grey_parent())
+    modules = random_modules(grey_parent(), keep=0.8)
     path = save_store(tmp_path / "store", modules)
     loaded = load_composition(path)
     assert loaded.labels == ("cat", "shoe", "bag", "shirt")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .init import init_relu_layers
+
 
 class SmallCNN(nn.Module):
     """conv3x3-BN-ReLU-maxpool2 twice, flatten, linear-ReLU-dropout, linear.
@@ -33,11 +35,7 @@ class SmallCNN(nn.Module):
             nn.Dropout(dropout),
             nn.Linear(hidden, num_classes),
         )
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_relu_layers(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
