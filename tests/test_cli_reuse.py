@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import Result
 
 import cnnmod.cli.compose
@@ -131,6 +132,37 @@ def test_replace_errors(cnnmod_cli: Cli, composition: Path, tiny_store: Path, tm
                  "no module for class 'purple'")
     assert_error(cnnmod_cli("replace", composition, "red", f"{tmp_path}:red", "--out", tmp_path / "x"),
                  "not a cnnmod store")
+    assert not (tmp_path / "x").exists()
+
+
+def test_replace_with_calibration_fits_only_the_new_module(cnnmod_cli: Cli, composition: Path,
+                                                           retrained: tuple[Path, Path, dict], tiny_data: Path,
+                                                           tmp_path: Path) -> None:
+    out = tmp_path / "calibrated"
+    payload = ok_json(cnnmod_cli("replace", composition, "red", f"{retrained[0]}:red", "--calibrate", tiny_data,
+                                 "--samples", 20, "--out", out, "--data", tiny_data, "--json"))
+    calibration = payload["calibration"]
+    assert calibration["labels"] == ["red"] and calibration["samples"] == 60
+    assert calibration["loss_after"] <= calibration["loss_before"]
+    assert 0.0 <= calibration["accuracy_after"] <= 1.0
+    assert_accuracy(payload["after"], 90)
+    assert_energy(payload["energy"])
+    loaded, plain = load_composition(out), load_composition(composition)
+    assert loaded.labels == ("green", "blue", "red")
+    assert torch.equal(loaded.groups[0].head_weight, plain.groups[0].select(["green", "blue"]).head_weight)
+    assert loaded.groups[1].config.get("calibrated") is True
+
+
+def test_calibrate_command(cnnmod_cli: Cli, composition: Path, tiny_data: Path, tmp_path: Path) -> None:
+    result = cnnmod_cli("calibrate", composition, "--train-data", tiny_data, "--labels", "blue", "--samples", 10,
+                        "--out", tmp_path / "c")
+    assert result.exit_code == 0, result.stderr
+    assert "calibrated blue on 30 training images" in result.stdout and "energy: " in result.stdout
+    payload = ok_json(cnnmod_cli("calibrate", composition, "--train-data", tiny_data, "--samples", 10, "--out",
+                                 tmp_path / "all", "--json"))
+    assert payload["calibration"]["labels"] == TINY
+    assert_error(cnnmod_cli("calibrate", composition, "--train-data", tiny_data, "--labels", "purple", "--out",
+                            tmp_path / "x"), "no module votes for 'purple'")
     assert not (tmp_path / "x").exists()
 
 

@@ -1,4 +1,5 @@
-"""`cnnmod replace`, `cnnmod remove` and `cnnmod repair ...`: new classifiers from a composition's modules."""
+"""`cnnmod replace`, `cnnmod remove`, `cnnmod calibrate` and `cnnmod repair ...`: new classifiers from a
+composition's modules."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 import click
 
+from ..calibrate import Calibration, calibrate, labelled_sample
 from ..compose import ComposedClassifier, removed, reverified
 from ..compose import replace as replace_module
 from ..energy import EnergyMeter, EnergyReport
@@ -22,11 +24,40 @@ data_option = click.option("--data", "data_path", type=click.Path(exists=True, p
                            help="Report accuracy before and after on this dataset's test split.")
 
 
+samples_option = click.option("--samples", default=100, show_default=True,
+                              help="Calibration images per label, drawn from the training split.")
+seed_option = click.option("--seed", default=0, show_default=True, help="Seed for drawing calibration images.")
+
+
+def _calibrated(composed: ComposedClassifier, data_paths: tuple[Path, ...], labels: list[str] | None, samples: int,
+                seed: int, device: str | None, quiet: bool) -> Calibration:
+    """`composed` calibrated on training images of the datasets that hold its labels."""
+    sources = [open_dataset(path, None, None, quiet).train for path in data_paths]
+    images, targets = labelled_sample(composed.labels, sources, samples, seed)
+    return calibrate(composed, images, targets, labels, device=device)
+
+
+def _calibration_json(result: Calibration) -> dict[str, Any]:
+    return {"labels": list(result.fitted), "samples": result.samples, "loss_before": result.loss_before,
+            "loss_after": result.loss_after, "accuracy_before": result.accuracy_before,
+            "accuracy_after": result.accuracy_after}
+
+
+def _calibration_text(result: Calibration) -> str:
+    return (f"calibrated {', '.join(result.fitted)} on {result.samples} training images: vote accuracy there "
+            f"{result.accuracy_before:.4f} -> {result.accuracy_after:.4f}, loss {result.loss_before:.4f} -> "
+            f"{result.loss_after:.4f}")
+
+
 def _finish(before: ComposedClassifier, after: ComposedClassifier, out: Path, data_path: Path | None,
-            pair: list[str], energy: EnergyReport, device: str | None, as_json: bool, what: str) -> None:
+            pair: list[str], energy: EnergyReport, device: str | None, as_json: bool, what: str,
+            calibration: Calibration | None = None) -> None:
     save_composition(out, after, overwrite=True)
     payload: dict[str, Any] = {"composition": str(out), "labels": list(after.labels)}
     text = [f"wrote {out}: {what}; labels {', '.join(after.labels)}"]
+    if calibration is not None:
+        payload["calibration"] = _calibration_json(calibration)
+        text.append(_calibration_text(calibration))
     if data_path is not None:
         test = open_dataset(data_path, None, None, True).test
         for name, classifier in (("before", before), ("after", after)):
@@ -49,21 +80,55 @@ def _finish(before: ComposedClassifier, after: ComposedClassifier, out: Path, da
 @click.argument("label")
 @click.argument("source")
 @click.option("--as", "new_label", default=None, help="Label of the new module (default: LABEL).")
+@click.option("--calibrate", "calibration_data", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="Calibrate the new module's score against the others on this dataset's training images "
+                   "(repeat when the labels come from several datasets).")
+@samples_option
+@seed_option
 @out_option
 @data_option
 @device_option
 @json_option
 @reports_errors
-def replace(composition: Path, label: str, source: str, new_label: str | None, out: Path, data_path: Path | None,
-            device: str | None, as_json: bool) -> None:
+def replace(composition: Path, label: str, source: str, new_label: str | None, calibration_data: tuple[Path, ...],
+            samples: int, seed: int, out: Path, data_path: Path | None, device: str | None, as_json: bool) -> None:
     """Swap the module voting for LABEL for SOURCE (`STORE:class`), from any parent or dataset."""
     store, sep, cls = source.partition(":")
     if not sep:
         raise CnnmodError(f"SOURCE is STORE:class, got {source!r}")
+    calibration = None
     with EnergyMeter() as meter:
         before = load_composition(composition)
         after = replace_module(before, label, load_store(store, with_activity=False).modules.select([cls]), new_label)
-    _finish(before, after, out, data_path, [], meter.report, device, as_json, f"{label} replaced by {source}")
+        if calibration_data:
+            calibration = _calibrated(after, calibration_data, [new_label or label], samples, seed, device, as_json)
+            after = calibration.composed
+    _finish(before, after, out, data_path, [], meter.report, device, as_json, f"{label} replaced by {source}",
+            calibration)
+
+
+@cli.command("calibrate")
+@composition_argument
+@click.option("--train-data", "calibration_data", multiple=True, required=True,
+              type=click.Path(exists=True, path_type=Path),
+              help="Dataset whose training split holds the labels (repeat for labels from several datasets).")
+@click.option("--labels", default=None, help="Labels whose modules are calibrated, a,b (default: all).")
+@samples_option
+@seed_option
+@out_option
+@data_option
+@device_option
+@json_option
+@reports_errors
+def calibrate_command(composition: Path, calibration_data: tuple[Path, ...], labels: str | None, samples: int,
+                      seed: int, out: Path, data_path: Path | None, device: str | None, as_json: bool) -> None:
+    """Put modules from different parents on one score scale: fit a scale and an offset of each chosen module's
+    margin so the vote is right on a few labelled images (heads change; masks and bodies do not)."""
+    with EnergyMeter() as meter:
+        before = load_composition(composition)
+        calibration = _calibrated(before, calibration_data, split_classes(labels), samples, seed, device, as_json)
+    _finish(before, calibration.composed, out, data_path, [], meter.report, device, as_json,
+            f"{', '.join(calibration.fitted)} calibrated", calibration)
 
 
 @cli.command()
