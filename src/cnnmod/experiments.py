@@ -6,8 +6,10 @@ architecture from scratch on the same classes, so the two can be compared side b
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -23,6 +25,7 @@ from .evaluate import relabel
 from .inputs import InputSpec
 from .modules import Parent
 from .reuse import activity_on, forget, own_activity, recalibrate
+from .store import load_store, save_store
 from .train import train_model
 from .zoo import create_model
 
@@ -100,30 +103,60 @@ def _energy_columns(row: dict[str, Any], name: str, report: EnergyReport) -> Non
 def intra_reuse(parent: Parent, data: Dataset, pairs: Sequence[tuple[str, str]], arch: str, epochs: int,
                 config: DecomposeConfig, seed: int = 0, device: torch.device | str | None = None,
                 progress: bool = True) -> Experiment:
-    """For each class pair: modules of `parent` composed vs `arch` trained from scratch on the pair."""
+    """For each class pair: modules of `parent` composed vs `arch` trained from scratch on the pair.
+
+    Reuse is measured two ways: decomposing the pair's classes fresh and composing them, and composing them
+    from a store of all the parent's modules decomposed once beforehand (what every later reuse costs)."""
     train_images, train_labels = parent_labels(parent, data.train)
-    rows: list[dict[str, Any]] = []
-    for a, b in pairs:
-        test = data.test.subset([a, b])
+    parent.logits(train_images[:256], device=device)  # warm-up, so the first pair is not charged for it
+    with tempfile.TemporaryDirectory() as folder:
         with EnergyMeter() as meter:
-            modules, _ = decompose(parent, train_images, train_labels, config, [a, b], device=device,
-                                   progress=progress)
-            composed = compose([modules])
-        reuse_energy = meter.report
-        scratch, train_energy = train_scratch(arch, data.train.subset([a, b]), parent.input_spec, epochs, seed,
-                                              device, progress)
-        row: dict[str, Any] = {"pair": f"{a}/{b}", "composed": accuracy(composed, test.images, test.labels, device),
-               "scratch": parent_accuracy(scratch, test, device)}
-        row["delta"] = row["composed"] - row["scratch"]
-        _energy_columns(row, "reuse", reuse_energy)
-        _energy_columns(row, "train", train_energy)
-        row["energy_ratio"] = train_energy.kwh / max(reuse_energy.kwh, 1e-30)
-        rows.append(row)
+            save_store(Path(folder) / "store", decompose(parent, train_images, train_labels, config, device=device,
+                                                         progress=progress)[0])
+        store_energy = meter.report
+        rows = [_intra_pair(parent, data, train_images, train_labels, Path(folder) / "store", a, b, arch, epochs,
+                            config, seed, device, progress) for a, b in pairs]
     _mean_row(rows, "pair")
-    return Experiment("intra-dataset reuse (Table 2)",
-                      ("pair", "composed", "scratch", "delta", "reuse_kwh", "train_kwh", "energy_ratio"), rows,
-                      [f"scratch: {arch} trained {epochs} epochs on the pair; reuse: decompose the pair's classes "
-                       "from the parent in one pass and compose; accuracy on the pair's test images"])
+    return Experiment(
+        "intra-dataset reuse (Table 2)",
+        ("pair", "composed", "scratch", "delta", "reuse_kwh", "store_kwh", "train_kwh", "energy_ratio",
+         "store_energy_ratio"), rows,
+        [f"scratch: {arch} trained {epochs} epochs on the pair; accuracy on the pair's test images",
+         "reuse: decompose the pair's classes from the parent in one pass and compose; store: compose the pair "
+         "from a store of all classes decomposed once (load, select, compose)",
+         f"decomposing all {len(parent.classes)} classes into that store, once: {store_energy.describe()}",
+         "energy ratios: train over reuse, train over store; the mean row divides mean energies"])
+
+
+def _intra_pair(parent: Parent, data: Dataset, train_images: np.ndarray, train_labels: np.ndarray, store: Path,
+                a: str, b: str, arch: str, epochs: int, config: DecomposeConfig, seed: int,
+                device: torch.device | str | None, progress: bool) -> dict[str, Any]:
+    test = data.test.subset([a, b])
+    with EnergyMeter() as meter:
+        modules, _ = decompose(parent, train_images, train_labels, config, [a, b], device=device, progress=progress)
+        composed = compose([modules])
+    reuse_energy = meter.report
+    with EnergyMeter() as meter:
+        from_store = compose([load_store(store, with_activity=False).modules.select([a, b])])
+    store_energy = meter.report
+    scratch, train_energy = train_scratch(arch, data.train.subset([a, b]), parent.input_spec, epochs, seed, device,
+                                          progress)
+    row: dict[str, Any] = {"pair": f"{a}/{b}", "composed": accuracy(composed, test.images, test.labels, device),
+                           "scratch": parent_accuracy(scratch, test, device)}
+    row["delta"] = row["composed"] - row["scratch"]
+    row["store_composed"] = accuracy(from_store, test.images, test.labels, device)
+    _energy_columns(row, "reuse", reuse_energy)
+    _energy_columns(row, "store", store_energy)
+    _energy_columns(row, "train", train_energy)
+    _energy_ratios(row)
+    return row
+
+
+def _energy_ratios(row: dict[str, Any]) -> None:
+    if "train_kwh" in row and "reuse_kwh" in row:
+        row["energy_ratio"] = row["train_kwh"] / max(row["reuse_kwh"], 1e-30)
+    if "train_kwh" in row and "store_kwh" in row:
+        row["store_energy_ratio"] = row["train_kwh"] / max(row["store_kwh"], 1e-30)
 
 
 def _mean_row(rows: list[dict[str, Any]], key: str) -> None:
@@ -133,6 +166,7 @@ def _mean_row(rows: list[dict[str, Any]], key: str) -> None:
     for column, value in rows[0].items():
         if isinstance(value, float):
             mean[column] = float(np.mean([r[column] for r in rows]))
+    _energy_ratios(mean)
     rows.append(mean)
 
 
@@ -152,11 +186,13 @@ def inter_reuse(parent_a: Parent, data_a: Dataset, parent_b: Parent, data_b: Dat
     _mean_row(rows, "pair")
     return Experiment(
         "inter-dataset reuse (Table 3)",
-        ("pair", "composed", "cl", "cl_recalibrated", "scratch", "cl_delta", "cl_recalibrated_delta", "reuse_kwh",
+        ("pair", "composed", "cl", "cl_calibrated", "cl_recalibrated", "scratch", "reuse_kwh", "calibrated_kwh",
          "recalibrated_kwh", "train_kwh", "energy_ratio"), rows,
-        ["composed: modules as decomposed; cl: training-free continuous learning; cl_recalibrated: plus the "
-         f"2-output heads refitted on {calibration_samples} training images per class (no backprop through the "
-         f"body); scratch: {arch} trained {epochs} epochs on both classes in the first dataset's input format"])
+        ["composed: modules as decomposed; cl: training-free continuous learning; cl_calibrated: plus each "
+         "module's score calibrated (a scale and an offset of its margin); cl_recalibrated: cl plus the 2-output "
+         f"heads refitted; both on {calibration_samples} training images per class, no backprop through a body; "
+         f"scratch: {arch} trained {epochs} epochs on both classes in the first dataset's input format; "
+         "energy_ratio: train over reuse (decompose + cl)"])
 
 
 def _inter_pair(parent_a: Parent, data_a: Dataset, train_a: np.ndarray, labels_a: np.ndarray, parent_b: Parent,
@@ -172,6 +208,9 @@ def _inter_pair(parent_a: Parent, data_a: Dataset, train_a: np.ndarray, labels_a
         with meter.step("learn"):
             fa = forget(ma, own_activity(ma, act_a), activity_on(ma, own_b, device=device), len(own_b))
             fb = forget(mb, own_activity(mb, act_b), activity_on(mb, own_a, device=device), len(own_a))
+        with meter.step("calibrate"):
+            calibrated = calibrate(compose([fa, fb], [a, b]), [own_a, own_b],
+                                   np.repeat([0, 1], [len(own_a), len(own_b)]), device=device).composed
         with meter.step("recalibrate"):
             ra = recalibrate(fa, [own_a], own_b, device=device).modules
             rb = recalibrate(fb, [own_b], own_a, device=device).modules
@@ -180,16 +219,18 @@ def _inter_pair(parent_a: Parent, data_a: Dataset, train_a: np.ndarray, labels_a
                                           parent_a.input_spec, epochs, seed, device, progress)
     test_a, test_b = data_a.test.subset([a]).images, data_b.test.subset([b]).images
     row: dict[str, Any] = {"pair": f"{a}/{b}"}
-    for name, (x, y) in {"composed": (ma, mb), "cl": (fa, fb), "cl_recalibrated": (ra, rb)}.items():
-        row[name] = _pair_score(compose([x, y], [a, b]).predict, test_a, test_b)
+    for name, classifier in {"composed": compose([ma, mb], [a, b]), "cl": compose([fa, fb], [a, b]),
+                             "cl_calibrated": calibrated, "cl_recalibrated": compose([ra, rb], [a, b])}.items():
+        row[name] = _pair_score(classifier.predict, test_a, test_b)
     row["scratch"] = _pair_score(lambda im: scratch.logits(im).argmax(1), as_format(test_a, parent_a.input_spec),
                                  as_format(test_b, parent_a.input_spec))
-    row["cl_delta"] = row["cl"] - row["scratch"]
-    row["cl_recalibrated_delta"] = row["cl_recalibrated"] - row["scratch"]
+    for name in ("cl", "cl_calibrated", "cl_recalibrated"):
+        row[f"{name}_delta"] = row[name] - row["scratch"]
     _energy_columns(row, "reuse", steps["decompose"] + steps["learn"])
+    _energy_columns(row, "calibrated", steps["decompose"] + steps["learn"] + steps["calibrate"])
     _energy_columns(row, "recalibrated", steps["decompose"] + steps["learn"] + steps["recalibrate"])
     _energy_columns(row, "train", train_energy)
-    row["energy_ratio"] = train_energy.kwh / max(row["reuse_kwh"], 1e-30)
+    _energy_ratios(row)
     return row
 
 
@@ -273,10 +314,11 @@ def intra_replace(weak: Parent, strong: Parent, data: Dataset, config: Decompose
 
 def inter_replace(parent_a: Parent, data_a: Dataset, parent_b: Parent, data_b: Dataset,
                   replacements: Sequence[tuple[str, str]], config: DecomposeConfig,
-                  calibration_samples: int = 300, limit: int | None = 2000,
+                  calibration_samples: int = 300, limit: int | None = 2000, seed: int = 0,
                   device: torch.device | str | None = None, progress: bool = True) -> Experiment:
-    """Replace A's module for class x with B's module for class y (another dataset), with and without
-    continuous learning; accuracy on A's test images of the other classes plus B's test images of y."""
+    """Replace A's module for class x with B's module for class y (another dataset): as decomposed, with
+    training-free continuous learning, and with the new module's score calibrated; accuracy on A's test images
+    of the other classes plus B's test images of y."""
     train_a, labels_a = parent_labels(parent_a, data_a.train)
     train_b, labels_b = parent_labels(parent_b, data_b.train)
     modules_a, act_a = decompose(parent_a, train_a, labels_a, config, device=device, progress=progress)
@@ -291,8 +333,8 @@ def inter_replace(parent_a: Parent, data_a: Dataset, parent_b: Parent, data_b: D
         keep_a = tl_a != parent_a.class_index(x)
         images_a, targets_a = test_a[keep_a], tl_a[keep_a]
         images_b = data_b.test.subset([y]).images[:limit]
-        own_a = _sample(data_a.train.subset([c for c in parent_a.classes if c != x]), calibration_samples)
-        own_b = _sample(data_b.train.subset([y]), calibration_samples)
+        own_a = _sample(data_a.train.subset([c for c in parent_a.classes if c != x]), calibration_samples, seed)
+        own_b = _sample(data_b.train.subset([y]), calibration_samples, seed)
         others = [c for c in parent_a.classes if c != x]
         row: dict[str, Any] = {"replacement": f"{x} -> {y}",
                                "before_on_a": accuracy(base, test_a, tl_a, device)}
@@ -301,18 +343,28 @@ def inter_replace(parent_a: Parent, data_a: Dataset, parent_b: Parent, data_b: D
                            activity_on(modules_a, own_b, device=device), len(own_b))
         learned_b = forget(mb, own_activity(mb, act_b), activity_on(mb, own_a, device=device), len(own_a))
         learned = compose([learned_a, learned_b], [*others, y])
-        for name, classifier in (("replaced", plain), ("replaced_cl", learned)):
+        images, truth = labelled_sample(plain.labels, [data_a.train, data_b.train], calibration_samples, seed)
+        with EnergyMeter() as meter:
+            calibrated = calibrate(plain, images, truth, [y], device=device).composed
+        calibrate_energy = meter.report
+        for name, classifier in (("replaced", plain), ("replaced_cl", learned),
+                                 ("replaced_calibrated", calibrated)):
             target_a = np.array([classifier.labels.index(parent_a.classes[t]) for t in targets_a])
             correct = (classifier.predict(images_a, device=device).numpy() == target_a).sum() + (
                 classifier.predict(images_b, device=device).numpy() == classifier.labels.index(y)).sum()
             row[name] = float(correct) / (len(images_a) + len(images_b))
         _energy_columns(row, "replace", energy)
+        _energy_columns(row, "calibrate", calibrate_energy)
         rows.append(row)
     return Experiment("inter-dataset replacement (Table 5)",
-                      ("replacement", "before_on_a", "replaced", "replaced_cl", "replace_kwh"), rows,
-                      ["replaced / replaced_cl: accuracy of the new classifier on the first dataset's test images of "
-                       "the kept classes plus the second dataset's test images of the new class, without / with "
-                       f"training-free continuous learning; {limit} test images of the first dataset at most"])
+                      ("replacement", "before_on_a", "replaced", "replaced_cl", "replaced_calibrated", "replace_kwh",
+                       "calibrate_kwh"),
+                      rows,
+                      ["replaced / replaced_cl / replaced_calibrated: accuracy of the new classifier on the first "
+                       "dataset's test images of the kept classes plus the second dataset's test images of the new "
+                       "class: as decomposed / with training-free continuous learning / with the new module's score "
+                       f"calibrated on {calibration_samples} training images per class; {limit} test images of the "
+                       "first dataset at most; replace_kwh: decomposing the new class, calibrate_kwh: calibrating"])
 
 
 # --- Table 6: repairing a faulty class pair ------------------------------------------------------------------

@@ -92,10 +92,15 @@ def test_intra_reuse_composes_a_pair_well_for_less_energy_than_training(cifar: D
     for row in result.rows[:2]:
         assert row["composed"] > 0.6, row  # the shared parent is strong; its modules are too
         assert row["delta"] == pytest.approx(row["composed"] - row["scratch"])
-        energy_ok(row, "reuse", "train")
+        energy_ok(row, "reuse", "store", "train")
         assert row["energy_ratio"] == pytest.approx(row["train_kwh"] / row["reuse_kwh"])
         assert row["energy_ratio"] > 1, row  # decomposing costs less than training
-    assert result.rows[2]["composed"] == pytest.approx(np.mean([r["composed"] for r in result.rows[:2]]))
+        assert row["store_kwh"] < row["reuse_kwh"], row  # composing from a store skips the decomposition
+        assert row["store_composed"] == row["composed"]  # the same modules, decomposed alone or with all classes
+    mean = result.rows[2]
+    assert mean["composed"] == pytest.approx(np.mean([r["composed"] for r in result.rows[:2]]))
+    assert mean["energy_ratio"] == pytest.approx(mean["train_kwh"] / mean["reuse_kwh"])
+    assert any("decomposing all 10 classes into that store, once" in n and METHOD.search(n) for n in result.notes)
     assert "| cat/dog |" in result.table()
 
 
@@ -117,10 +122,12 @@ def test_inter_reuse_reports_composed_learned_and_recalibrated(cifar: Dataset, r
     assert len(result.rows) == 1
     row = result.rows[0]
     assert row["pair"] == "cat/Bag"
-    accuracies_ok(result, "composed", "cl", "cl_recalibrated", "scratch")
+    accuracies_ok(result, "composed", "cl", "cl_calibrated", "cl_recalibrated", "scratch")
     assert row["cl_delta"] == pytest.approx(row["cl"] - row["scratch"])
-    energy_ok(row, "reuse", "recalibrated", "train")
-    assert row["recalibrated_kwh"] >= row["reuse_kwh"]  # recalibration comes on top of learning
+    assert row["cl_calibrated_delta"] == pytest.approx(row["cl_calibrated"] - row["scratch"])
+    energy_ok(row, "reuse", "calibrated", "recalibrated", "train")
+    # calibration and recalibration each come on top of learning
+    assert row["reuse_kwh"] <= row["calibrated_kwh"] and row["reuse_kwh"] <= row["recalibrated_kwh"]
     assert row["energy_ratio"] == pytest.approx(row["train_kwh"] / row["reuse_kwh"])
     # colour photos and grey product shots are easy to tell apart once the heads are refitted
     assert row["cl_recalibrated"] > 0.8, row
@@ -134,9 +141,9 @@ def test_inter_replace_swaps_a_class_for_another_datasets_class(cifar: Dataset, 
     result = inter_replace(resnet20, small, parent_b, data_b, [("truck", "Sneaker")], CONFIG,
                            calibration_samples=50, limit=200, progress=False)
     assert [r["replacement"] for r in result.rows] == ["truck -> Sneaker"]
-    accuracies_ok(result, "before_on_a", "replaced", "replaced_cl")
+    accuracies_ok(result, "before_on_a", "replaced", "replaced_cl", "replaced_calibrated")
     assert result.rows[0]["before_on_a"] > 0.7  # the strong parent's composed modules on 10 CIFAR classes
-    energy_ok(result.rows[0], "replace")
+    energy_ok(result.rows[0], "replace", "calibrate")
 
 
 def test_intra_replace_with_a_strong_parents_modules_improves_a_weak_one(cifar: Dataset, resnet20: Parent) -> None:
@@ -148,8 +155,11 @@ def test_intra_replace_with_a_strong_parents_modules_improves_a_weak_one(cifar: 
     assert [r["class"] for r in result.rows] == [*cifar.classes, "all replaced"]
     accuracies_ok(result, "before", "after")
     for row in result.rows[:-1]:
-        assert 0.0 <= row["class_recall_before"] <= 1.0 and 0.0 <= row["class_recall_after"] <= 1.0
+        for column in ("after_calibrated", "class_recall_before", "class_recall_after",
+                       "class_recall_after_calibrated"):
+            assert 0.0 <= row[column] <= 1.0, (column, row)
         assert row["delta"] == pytest.approx(row["after"] - row["before"])
+        assert row["delta_calibrated"] == pytest.approx(row["after_calibrated"] - row["before"])
     everything = result.rows[-1]
     assert everything["after"] > everything["before"] + 0.2, everything
     assert any("kWh per replaced class" in note and METHOD.search(note) for note in result.notes)

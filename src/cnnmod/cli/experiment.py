@@ -114,7 +114,8 @@ def intra_reuse(model: Path, arch: str, data_path: Path, pairs: str, epochs: int
     parent = open_parent(model, arch, data.classes, None)
     result = run(parent, data, _pairs(pairs), parent.arch, epochs, _config(samples_per_class, seed), seed, device,
                  not as_json)
-    _finish(result, out, {"train from scratch": "train_kwh", "decompose + compose": "reuse_kwh"}, "pair", as_json)
+    _finish(result, out, {"train from scratch": "train_kwh", "decompose + compose": "reuse_kwh",
+                          "compose from a store": "store_kwh"}, "pair", as_json)
 
 
 @experiment.command("inter-reuse")
@@ -135,7 +136,8 @@ def inter_reuse(model_a: Path, arch_a: str, data_a: Path, model_b: Path | None, 
     result = run(pa, da, pb, db, _pairs(pairs), pa.arch, epochs, _config(samples_per_class, seed),
                  calibration_samples, seed, device, not as_json)
     _finish(result, out, {"train from scratch": "train_kwh", "reuse + continuous learning": "reuse_kwh",
-                          "+ head recalibration": "recalibrated_kwh"}, "pair", as_json)
+                          "+ score calibration": "calibrated_kwh", "+ head recalibration": "recalibrated_kwh"},
+            "pair", as_json)
 
 
 def _embedded_model() -> Path:
@@ -191,7 +193,7 @@ def inter_replace(model_a: Path, arch_a: str, data_a: Path, model_b: Path | None
     da = _spread(da, limit)
     pa = open_parent(model_a, arch_a, da.classes, None)
     pb = open_parent(model_b or _embedded_model(), arch_b, db.classes, None)
-    result = run(pa, da, pb, db, _pairs(replacements), _config(samples_per_class, seed), device=device,
+    result = run(pa, da, pb, db, _pairs(replacements), _config(samples_per_class, seed), seed=seed, device=device,
                  progress=not as_json)
     _finish(result, out, {}, "replacement", as_json)
 
