@@ -139,8 +139,8 @@ def test_replace_with_calibration_fits_only_the_new_module(cnnmod_cli: Cli, comp
                                                            retrained: tuple[Path, Path, dict], tiny_data: Path,
                                                            tmp_path: Path) -> None:
     out = tmp_path / "calibrated"
-    payload = ok_json(cnnmod_cli("replace", composition, "red", f"{retrained[0]}:red", "--calibrate", tiny_data,
-                                 "--samples", 20, "--out", out, "--data", tiny_data, "--json"))
+    payload = ok_json(cnnmod_cli("replace", composition, "red", f"{retrained[0]}:red", "--calibrate", "--train-data",
+                                 tiny_data, "--samples", 20, "--out", out, "--data", tiny_data, "--json"))
     calibration = payload["calibration"]
     assert calibration["labels"] == ["red"] and calibration["samples"] == 60
     assert calibration["loss_after"] <= calibration["loss_before"]
@@ -151,6 +151,9 @@ def test_replace_with_calibration_fits_only_the_new_module(cnnmod_cli: Cli, comp
     assert loaded.labels == ("green", "blue", "red")
     assert torch.equal(loaded.groups[0].head_weight, plain.groups[0].select(["green", "blue"]).head_weight)
     assert loaded.groups[1].config.get("calibrated") is True
+    assert_error(cnnmod_cli("replace", composition, "red", f"{retrained[0]}:red", "--calibrate", "--out",
+                            tmp_path / "x"), "--calibrate and --train-data go together")
+    assert not (tmp_path / "x").exists()
 
 
 def test_calibrate_command(cnnmod_cli: Cli, composition: Path, tiny_data: Path, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from .calibrate import Calibration, calibrate
 from .compose import ComposedClassifier, compose
 from .data import Dataset, ImageSet, load_dataset
 from .decompose import DecomposeConfig, decompose, derive_modules, observe
@@ -12,8 +13,8 @@ from .modules import ModuleSet, Parent
 from .store import Store, load_composition, load_store, save_composition, save_store
 
 __all__ = [
-    "CnnmodError", "ComposedClassifier", "DataError", "Dataset", "DecomposeConfig", "Evaluation", "ImageSet",
-    "InputSpec", "ModelError", "ModuleSet", "Parent", "Store", "StoreError", "TraceError", "compose",
-    "decompose", "derive_modules", "evaluate", "load_composition", "load_dataset", "load_store", "observe",
-    "save_composition", "save_store",
+    "Calibration", "CnnmodError", "ComposedClassifier", "DataError", "Dataset", "DecomposeConfig", "Evaluation",
+    "ImageSet", "InputSpec", "ModelError", "ModuleSet", "Parent", "Store", "StoreError", "TraceError", "calibrate",
+    "compose", "decompose", "derive_modules", "evaluate", "load_composition", "load_dataset", "load_store",
+    "observe", "save_composition", "save_store",
 ]

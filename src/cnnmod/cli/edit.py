@@ -80,9 +80,10 @@ def _finish(before: ComposedClassifier, after: ComposedClassifier, out: Path, da
 @click.argument("label")
 @click.argument("source")
 @click.option("--as", "new_label", default=None, help="Label of the new module (default: LABEL).")
-@click.option("--calibrate", "calibration_data", multiple=True, type=click.Path(exists=True, path_type=Path),
-              help="Calibrate the new module's score against the others on this dataset's training images "
-                   "(repeat when the labels come from several datasets).")
+@click.option("--calibrate", "calibrated", is_flag=True,
+              help="Calibrate the new module's score against the others (see `cnnmod calibrate`).")
+@click.option("--train-data", "calibration_data", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="With --calibrate: dataset whose training split holds the labels (repeat for several).")
 @samples_option
 @seed_option
 @out_option
@@ -90,17 +91,20 @@ def _finish(before: ComposedClassifier, after: ComposedClassifier, out: Path, da
 @device_option
 @json_option
 @reports_errors
-def replace(composition: Path, label: str, source: str, new_label: str | None, calibration_data: tuple[Path, ...],
-            samples: int, seed: int, out: Path, data_path: Path | None, device: str | None, as_json: bool) -> None:
+def replace(composition: Path, label: str, source: str, new_label: str | None, calibrated: bool,
+            calibration_data: tuple[Path, ...], samples: int, seed: int, out: Path, data_path: Path | None,
+            device: str | None, as_json: bool) -> None:
     """Swap the module voting for LABEL for SOURCE (`STORE:class`), from any parent or dataset."""
     store, sep, cls = source.partition(":")
     if not sep:
         raise CnnmodError(f"SOURCE is STORE:class, got {source!r}")
+    if calibrated != bool(calibration_data):
+        raise CnnmodError("--calibrate and --train-data go together")
     calibration = None
     with EnergyMeter() as meter:
         before = load_composition(composition)
         after = replace_module(before, label, load_store(store, with_activity=False).modules.select([cls]), new_label)
-        if calibration_data:
+        if calibrated:
             calibration = _calibrated(after, calibration_data, [new_label or label], samples, seed, device, as_json)
             after = calibration.composed
     _finish(before, after, out, data_path, [], meter.report, device, as_json, f"{label} replaced by {source}",
