@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .compose import ComposedClassifier
 from .data import ImageSet
@@ -62,30 +63,25 @@ def calibrate(composed: ComposedClassifier, images: np.ndarray | Sequence[np.nda
     log_scale = torch.zeros(len(composed), requires_grad=True)
     offset = torch.zeros(len(composed), requires_grad=True)
 
-    def loss_of(scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(_vote(logits, scale, shift, composed.scoring), y)
+    def vote() -> torch.Tensor:
+        return _vote(logits, torch.where(fit, log_scale.exp(), 1.0), torch.where(fit, offset, 0.0), composed.scoring)
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        scale = torch.where(fit, log_scale.exp(), 1.0)
-        shift = torch.where(fit, offset, 0.0)
-        loss = loss_of(scale, shift) + PENALTY * (log_scale.pow(2) + offset.pow(2))[fit].sum()
+        loss = F.cross_entropy(vote(), y) + PENALTY * (log_scale.pow(2) + offset.pow(2))[fit].sum()
         loss.backward()
         return loss
 
+    with torch.no_grad():
+        before = vote()
     opt = torch.optim.LBFGS([log_scale, offset], max_iter=steps, line_search_fn="strong_wolfe")
-    ones, zeros = torch.ones(len(composed)), torch.zeros(len(composed))
     with torch.enable_grad():
         opt.step(closure)
     with torch.no_grad():
-        scale = torch.where(fit, log_scale.exp(), 1.0)
-        shift = torch.where(fit, offset, 0.0)
-        before, after = _vote(logits, ones, zeros, composed.scoring), _vote(logits, scale, shift, composed.scoring)
-        result = Calibration(
-            _folded(composed, scale, shift), len(y), chosen,
-            float(torch.nn.functional.cross_entropy(before, y)), float(torch.nn.functional.cross_entropy(after, y)),
-            float((before.argmax(1) == y).float().mean()), float((after.argmax(1) == y).float().mean()))
-    return result
+        after = vote()
+        folded = _folded(composed, torch.where(fit, log_scale.exp(), 1.0), torch.where(fit, offset, 0.0))
+    return Calibration(folded, len(y), chosen, float(F.cross_entropy(before, y)), float(F.cross_entropy(after, y)),
+                       float((before.argmax(1) == y).float().mean()), float((after.argmax(1) == y).float().mean()))
 
 
 def labelled_sample(labels: Sequence[str], sources: Sequence[ImageSet], per_label: int,
