@@ -156,7 +156,8 @@ def test_replace_with_calibration_fits_only_the_new_module(cnnmod_cli: Cli, comp
     assert not (tmp_path / "x").exists()
 
 
-def test_calibrate_command(cnnmod_cli: Cli, composition: Path, tiny_data: Path, tmp_path: Path) -> None:
+def test_calibrate_command(cnnmod_cli: Cli, composition: Path, tiny_store: Path, tiny_data: Path,
+                           tmp_path: Path) -> None:
     result = cnnmod_cli("calibrate", composition, "--train-data", tiny_data, "--labels", "blue", "--samples", 10,
                         "--out", tmp_path / "c")
     assert result.exit_code == 0, result.stderr
@@ -164,6 +165,12 @@ def test_calibrate_command(cnnmod_cli: Cli, composition: Path, tiny_data: Path, 
     payload = ok_json(cnnmod_cli("calibrate", composition, "--train-data", tiny_data, "--samples", 10, "--out",
                                  tmp_path / "all", "--json"))
     assert payload["calibration"]["labels"] == TINY
+    renamed = tmp_path / "azure"
+    ok_json(cnnmod_cli("replace", composition, "blue", f"{tiny_store}:blue", "--as", "azure", "--out", renamed,
+                       "--json"))
+    payload = ok_json(cnnmod_cli("calibrate", renamed, "--train-data", tiny_data, "--labels", "azure", "--samples",
+                                 10, "--out", tmp_path / "azure2", "--json"))
+    assert payload["calibration"]["labels"] == ["azure"] and payload["calibration"]["samples"] == 30
     assert_error(cnnmod_cli("calibrate", composition, "--train-data", tiny_data, "--labels", "purple", "--out",
                             tmp_path / "x"), "no module votes for 'purple'")
     assert not (tmp_path / "x").exists()

@@ -178,7 +178,8 @@ def inter_reuse(parent_a: Parent, data_a: Dataset, parent_b: Parent, data_b: Dat
                 calibration_samples: int = 300, seed: int = 0, device: torch.device | str | None = None,
                 progress: bool = True) -> Experiment:
     """Pairs (class of dataset A, class of dataset B): composed modules without and with continuous learning
-    (training-free; then head recalibration) vs `arch` trained from scratch on the pair in A's input format."""
+    (training-free; then score calibration or head recalibration) vs `arch` trained from scratch on the pair in
+    A's input format."""
     train_a, labels_a = parent_labels(parent_a, data_a.train)
     train_b, labels_b = parent_labels(parent_b, data_b.train)
     rows = [_inter_pair(parent_a, data_a, train_a, labels_a, parent_b, data_b, train_b, labels_b, a, b, arch,

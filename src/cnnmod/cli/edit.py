@@ -31,9 +31,11 @@ seed_option = click.option("--seed", default=0, show_default=True, help="Seed fo
 
 def _calibrated(composed: ComposedClassifier, data_paths: tuple[Path, ...], labels: list[str] | None, samples: int,
                 seed: int, device: str | None, quiet: bool) -> Calibration:
-    """`composed` calibrated on training images of the datasets that hold its labels."""
+    """`composed` calibrated on training images of the datasets that hold its modules' classes (a renamed label
+    draws images of its module's class)."""
     sources = [open_dataset(path, None, None, quiet).train for path in data_paths]
-    images, targets = labelled_sample(composed.labels, sources, samples, seed)
+    classes = [name for group in composed.groups for name in group.class_names]
+    images, targets = labelled_sample(classes, sources, samples, seed)
     return calibrate(composed, images, targets, labels, device=device)
 
 
