@@ -12,6 +12,8 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 
+from fixtures.images import COLOUR_NAMES, coloured_squares
+
 
 @pytest.fixture(autouse=True)
 def one_thread() -> Iterator[None]:
@@ -29,23 +31,12 @@ def one_thread() -> Iterator[None]:
 # through the CLI (tests/test_cli.py and anything else that needs real files).
 # ---------------------------------------------------------------------------------------------------------
 
-TINY_CLASSES = ("red", "green", "blue")
-_TINY_COLOURS = np.array([[220, 40, 40], [40, 200, 40], [40, 60, 230]], dtype=np.uint8)
+TINY_CLASSES = COLOUR_NAMES
 
 
 def coloured_blocks(n_per_class: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """uint8 NHWC images: a red, green or blue block covering at least a quarter of a noisy grey image."""
-    k = len(_TINY_COLOURS)
-    labels = np.repeat(np.arange(k), n_per_class).astype(np.int64)
-    images = rng.integers(60, 140, size=(k * n_per_class, size, size, 3), dtype=np.uint8)
-    side = rng.integers(size // 2, size - 1, size=len(labels))
-    top = rng.integers(0, size - side + 1)
-    left = rng.integers(0, size - side + 1)
-    yy, xx = np.mgrid[:size, :size]
-    inside = ((yy >= top[:, None, None]) & (yy < (top + side)[:, None, None])
-              & (xx >= left[:, None, None]) & (xx < (left + side)[:, None, None]))
-    images[inside] = _TINY_COLOURS[np.broadcast_to(labels[:, None, None], inside.shape)[inside]]
-    return images, labels
+    return coloured_squares(n_per_class, size, (size // 2, size - 1), rng)
 
 
 @pytest.fixture(scope="session")

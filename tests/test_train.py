@@ -12,8 +12,8 @@ from cnnmod.errors import DataError, ModelError
 from cnnmod.inputs import InputSpec
 from cnnmod.train import augment_batch, crop_padding, stratified_split, train_model
 from cnnmod.zoo import create_model
-
-COLOURS = np.array([[220, 40, 40], [40, 200, 40], [40, 60, 230]], dtype=np.uint8)
+from fixtures.images import COLOUR_NAMES
+from fixtures.images import coloured_squares as square_images
 
 
 @dataclass(frozen=True)
@@ -25,18 +25,8 @@ class Images:
 
 def coloured_squares(n_per_class: int = 100, size: int = 16, seed: int = 0) -> Images:
     """A red, a green or a blue square of random side and place on a noisy grey background."""
-    rng = np.random.default_rng(seed)
-    n = n_per_class * len(COLOURS)
-    labels = np.repeat(np.arange(len(COLOURS)), n_per_class).astype(np.int64)
-    images = rng.integers(60, 140, size=(n, size, size, 3), dtype=np.uint8)
-    side = rng.integers(size // 4, size // 2 + 1, size=n)
-    top = rng.integers(0, size - side + 1)
-    left = rng.integers(0, size - side + 1)
-    yy, xx = np.mgrid[:size, :size]
-    inside = ((yy >= top[:, None, None]) & (yy < (top + side)[:, None, None])
-              & (xx >= left[:, None, None]) & (xx < (left + side)[:, None, None]))
-    images[inside] = COLOURS[np.broadcast_to(labels[:, None, None], inside.shape)[inside]]
-    return Images(images, labels, ("red", "green", "blue"))
+    images, labels = square_images(n_per_class, size, (size // 4, size // 2 + 1), np.random.default_rng(seed))
+    return Images(images, labels, COLOUR_NAMES)
 
 
 SPEC = InputSpec.default((16, 16), 3)
