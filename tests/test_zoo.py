@@ -208,3 +208,16 @@ def test_model_file_errors(tmp_path: Path) -> None:
     save_model_file(tmp_path / "lie.safetensors", lie, "resnet_tiny", ["a", "b"], spec)
     with pytest.raises(ModelError, match="unexpected key 'layer2.0.shortcut"):
         load_model_file(tmp_path / "lie.safetensors")
+
+
+def test_a_seeded_model_starts_from_the_same_weights_whatever_ran_before() -> None:
+    torch.manual_seed(1)
+    first = create_model("resnet_tiny", num_classes=3, seed=7).state_dict()
+    torch.manual_seed(2)
+    torch.rand(100)
+    state = torch.get_rng_state()
+    second = create_model("resnet_tiny", num_classes=3, seed=7).state_dict()
+    assert torch.equal(torch.get_rng_state(), state)  # the global generator is left as it was
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    other = create_model("resnet_tiny", num_classes=3, seed=8).state_dict()
+    assert not all(torch.equal(first[k], other[k]) for k in first)

@@ -26,8 +26,7 @@ from .inputs import InputSpec
 from .modules import Parent
 from .reuse import activity_on, forget, own_activity, recalibrate
 from .store import load_store, save_store
-from .train import train_model
-from .zoo import create_model
+from .train import train_parent
 
 T = TypeVar("T")
 
@@ -73,10 +72,7 @@ def parent_labels(parent: Parent, data: ImageSet) -> tuple[np.ndarray, np.ndarra
 def train_scratch(arch: str, data: ImageSet, spec: InputSpec, epochs: int, seed: int,
                   device: torch.device | str | None, progress: bool) -> tuple[Parent, EnergyReport]:
     """Train `arch` from scratch on `data` with `cnnmod train`'s loop, measured."""
-    model = create_model(arch, num_classes=len(data.classes), in_channels=spec.channels)
-    result, energy = measured(lambda: train_model(model, data, spec, epochs=epochs, seed=seed, device=device,
-                                                  progress=progress))
-    return Parent.from_model(result.model.cpu().eval(), spec, data.classes, arch), energy
+    return measured(lambda: train_parent(arch, data, spec, epochs, seed, device, progress))
 
 
 def parent_accuracy(parent: Parent, data: ImageSet, device: torch.device | str | None = None) -> float:

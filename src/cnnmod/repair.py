@@ -1,7 +1,7 @@
 """The four repair options for a faulty class pair (paper Figure 1, Table 6), each a new classifier.
 
 1. `replace_from`: swap the faulty modules for modules of the same classes from a better parent.
-2. `retrain_pair`: train a small model on the pair, decompose it, and swap its modules in.
+2. `train_pair_model`, `pair_modules`: train a small model on the pair, decompose it, and swap its modules in.
 3. `removed` (from `compose`): drop the faulty module.
 4. `reverified` (from `compose`): whenever the classifier predicts one of the pair, re-decide with the pair
    model's modules.
@@ -20,8 +20,7 @@ from .decompose import DecomposeConfig, decompose
 from .errors import CnnmodError
 from .inputs import InputSpec
 from .modules import ModuleSet, Parent
-from .train import train_model
-from .zoo import create_model
+from .train import train_parent
 
 
 def replace_from(composed: ComposedClassifier, labels: Sequence[str], better: ModuleSet) -> ComposedClassifier:
@@ -37,10 +36,7 @@ def replace_from(composed: ComposedClassifier, labels: Sequence[str], better: Mo
 def train_pair_model(arch: str, data: ImageSet, labels: Sequence[str], spec: InputSpec, epochs: int,
                      seed: int = 0, device: torch.device | str | None = None, progress: bool = True) -> Parent:
     """A model of `arch` trained from scratch on the images of `labels` only."""
-    pair = data.subset(list(labels))
-    model = create_model(arch, num_classes=len(labels), in_channels=spec.channels)
-    result = train_model(model, pair, spec, epochs=epochs, seed=seed, device=device, progress=progress)
-    return Parent.from_model(result.model.cpu().eval(), spec, pair.classes, arch)
+    return train_parent(arch, data.subset(list(labels)), spec, epochs, seed, device, progress)
 
 
 def pair_modules(pair_parent: Parent, data: ImageSet, config: DecomposeConfig,

@@ -18,6 +18,8 @@ from tqdm import tqdm
 
 from cnnmod.errors import DataError, ModelError
 from cnnmod.inputs import InputSpec
+from cnnmod.modules import Parent
+from cnnmod.zoo import create_model
 
 
 class LabelledImages(Protocol):
@@ -241,3 +243,11 @@ def train_model(
     net.eval()
     return TrainResult(model=net, best_val_accuracy=best_acc, best_epoch=best_epoch, history=history,
                        seconds=time.perf_counter() - start)
+
+
+def train_parent(arch: str, data: LabelledImages, spec: InputSpec, epochs: int, seed: int = 0,
+                 device: torch.device | str | None = None, progress: bool = True) -> Parent:
+    """A zoo model of `arch`, initialised from `seed` and trained from scratch on `data`, as a parent."""
+    model = create_model(arch, num_classes=len(data.classes), in_channels=spec.channels, seed=seed)
+    result = train_model(model, data, spec, epochs=epochs, seed=seed, device=device, progress=progress)
+    return Parent.from_model(result.model.cpu().eval(), spec, data.classes, arch)

@@ -44,7 +44,7 @@ def train(arch: str, data_path: Path, data_format: str | None, classes: str | No
         data = data.take(np.sort(keep))
     size = (input_size, input_size) if input_size else info.input_size
     spec = InputSpec.default(size, info.in_channels)
-    model = create_model(arch, num_classes=len(data.classes), in_channels=info.in_channels)
+    model = create_model(arch, num_classes=len(data.classes), in_channels=info.in_channels, seed=seed)
     check_input(model, spec, arch)
 
     def report(row: dict) -> None:

@@ -11,12 +11,12 @@ import fnmatch
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
+from torch import nn
 
 from cnnmod.errors import ModelError
-
-if TYPE_CHECKING:
-    from torch import nn
 
 ModelFactory = Callable[..., "nn.Module"]
 """A callable taking keyword arguments ``num_classes`` and ``in_channels`` and returning a fresh model."""
@@ -83,13 +83,21 @@ def model_info(name: str) -> ModelInfo:
         raise ModelError(f"unknown architecture '{name}'; {hint}") from None
 
 
-def create_model(name: str, num_classes: int = 10, in_channels: int | None = None) -> nn.Module:
-    """A freshly initialised model of architecture ``name`` (channels default to the registered ones)."""
+def create_model(name: str, num_classes: int = 10, in_channels: int | None = None,
+                 seed: int | None = None) -> nn.Module:
+    """A freshly initialised model of architecture ``name`` (channels default to the registered ones).
+
+    With ``seed`` the initial weights depend on it alone, not on what used torch's global generator before."""
     info = model_info(name)
     if num_classes < 1:
         raise ModelError(f"num_classes must be at least 1 for '{name}', got {num_classes}")
     channels = info.in_channels if in_channels is None else int(in_channels)
-    model = info.factory(num_classes=int(num_classes), in_channels=channels)
+    if seed is None:
+        model = info.factory(num_classes=int(num_classes), in_channels=channels)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = info.factory(num_classes=int(num_classes), in_channels=channels)
     setattr(model, ARCH_ATTRIBUTE, name)
     return model
 
