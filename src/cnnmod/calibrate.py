@@ -63,8 +63,11 @@ def calibrate(composed: ComposedClassifier, images: np.ndarray | Sequence[np.nda
     log_scale = torch.zeros(len(composed), requires_grad=True)
     offset = torch.zeros(len(composed), requires_grad=True)
 
+    def fitted() -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.where(fit, log_scale.exp(), 1.0), torch.where(fit, offset, 0.0)
+
     def vote() -> torch.Tensor:
-        return _vote(logits, torch.where(fit, log_scale.exp(), 1.0), torch.where(fit, offset, 0.0), composed.scoring)
+        return _vote(logits, *fitted(), composed.scoring)
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -79,7 +82,7 @@ def calibrate(composed: ComposedClassifier, images: np.ndarray | Sequence[np.nda
         opt.step(closure)
     with torch.no_grad():
         after = vote()
-        folded = _folded(composed, torch.where(fit, log_scale.exp(), 1.0), torch.where(fit, offset, 0.0))
+        folded = _folded(composed, *fitted())
     return Calibration(folded, len(y), chosen, float(F.cross_entropy(before, y)), float(F.cross_entropy(after, y)),
                        float((before.argmax(1) == y).float().mean()), float((after.argmax(1) == y).float().mean()))
 
