@@ -11,6 +11,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import Result
@@ -314,3 +315,19 @@ def test_demo_energy_steps_add_up_to_no_more_than_the_total(cnnmod_cli: Cli, tmp
         assert_energy(step)
     assert sum(s["kwh"] for s in steps.values()) <= payload["energy"]["kwh"] + 1e-12
     assert sum(s["seconds"] for s in steps.values()) <= payload["energy"]["seconds"] + 1e-9
+
+
+def test_reuse_of_three_datasets_with_three_image_formats(cnnmod_cli: Cli, tiny_store: Path, tiny_data: Path,
+                                                          tmp_path: Path) -> None:
+    # each module learns against the other two datasets' images, which differ in size and channels
+    rng = np.random.default_rng(3)
+    paths = []
+    for name, shape in (("grey12", (12, 12, 1)), ("rgb20", (20, 20, 3))):
+        images = rng.integers(0, 256, size=(30, *shape), dtype=np.uint8)
+        labels = np.repeat(np.arange(3), 10)
+        paths.append(tmp_path / f"{name}.npz")
+        np.savez(paths[-1], x_train=images, y_train=labels, x_test=images, y_test=labels, classes=np.array(TINY))
+    payload = ok_json(cnnmod_cli("reuse", f"{tiny_store}:red", "--data", tiny_data, f"{tiny_store}:green", "--data",
+                                 paths[0], f"{tiny_store}:blue", "--data", paths[1], "--out", tmp_path / "o",
+                                 "--recalibrate", "--samples", 10, "--json"))
+    assert payload["labels"] == TINY and payload["recalibrated"] is True

@@ -22,7 +22,7 @@ from .data import Dataset, ImageSet
 from .decompose import DecomposeConfig, decompose
 from .energy import EnergyMeter, EnergyReport
 from .evaluate import relabel
-from .inputs import InputSpec
+from .inputs import InputSpec, as_format
 from .modules import Parent
 from .reuse import activity_on, forget, own_activity, recalibrate
 from .store import load_store, save_store
@@ -78,13 +78,6 @@ def train_scratch(arch: str, data: ImageSet, spec: InputSpec, epochs: int, seed:
 def parent_accuracy(parent: Parent, data: ImageSet, device: torch.device | str | None = None) -> float:
     images, labels = parent_labels(parent, data)
     return float((parent.logits(images, device=device).argmax(1).numpy() == labels).mean())
-
-
-def as_format(images: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """Raw uint8 images converted to the size and channels of `spec` (for training one model on two datasets)."""
-    plain = InputSpec(spec.size, spec.channels, (0.0,) * spec.channels, (1.0,) * spec.channels)
-    x = plain.prepare(images).clamp(0, 1)
-    return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def _energy_columns(row: dict[str, Any], name: str, report: EnergyReport) -> None:
@@ -149,9 +142,8 @@ def _intra_pair(parent: Parent, data: Dataset, train_images: np.ndarray, train_l
 
 
 def _energy_ratios(row: dict[str, Any]) -> None:
-    if "train_kwh" in row and "reuse_kwh" in row:
-        row["energy_ratio"] = row["train_kwh"] / max(row["reuse_kwh"], 1e-30)
-    if "train_kwh" in row and "store_kwh" in row:
+    row["energy_ratio"] = row["train_kwh"] / max(row["reuse_kwh"], 1e-30)
+    if "store_kwh" in row:
         row["store_energy_ratio"] = row["train_kwh"] / max(row["store_kwh"], 1e-30)
 
 

@@ -54,3 +54,11 @@ class InputSpec:
         mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         return (x - mean) / std
+
+
+def as_format(images: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """Raw uint8 images converted to the size and channels of `spec` (to train one model on two datasets, or
+    to stack images of several datasets)."""
+    plain = InputSpec(spec.size, spec.channels, (0.0,) * spec.channels, (1.0,) * spec.channels)
+    x = plain.prepare(images).clamp(0, 1)
+    return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()

@@ -7,9 +7,11 @@ from pathlib import Path
 import click
 import numpy as np
 
+from ..calibrate import labelled_sample
 from ..compose import compose
 from ..energy import EnergyMeter
 from ..errors import CnnmodError
+from ..inputs import as_format
 from ..modules import ModuleSet
 from ..reuse import activity_on, forget, own_activity, recalibrate
 from ..store import load_store, save_composition
@@ -37,7 +39,6 @@ def reuse(sources: tuple[str, ...], data_paths: tuple[Path, ...], out: Path, ref
     groups: list[ModuleSet] = []
     images: list[list[np.ndarray]] = []
     activities = []
-    rng = np.random.default_rng(seed)
     for source, data_path in zip(sources, data_paths, strict=True):
         store_path, _, spec = source.partition(":")
         store = load_store(store_path)
@@ -45,23 +46,21 @@ def reuse(sources: tuple[str, ...], data_paths: tuple[Path, ...], out: Path, ref
             raise CnnmodError(f"{store_path} holds no activity counts; decompose it again")
         modules = store.modules.select(spec.split(",")) if spec else store.modules
         train = open_dataset(data_path, None, None, as_json).train
-        per_class = [train.images[rng.permutation(np.flatnonzero(train.labels == train.classes.index(c)))[:samples]]
-                     for c in modules.class_names]
         groups.append(modules)
-        images.append(per_class)
+        images.append(labelled_sample(modules.class_names, [train], samples, seed)[0])
         activities.append(store.activity)
     with EnergyMeter() as meter:
         with meter.step("continuous learning"):
-            learned = []
-            for i, modules in enumerate(groups):
-                others = np.concatenate([x for j, sets in enumerate(images) if j != i for x in sets])
-                learned.append(forget(modules, own_activity(modules, activities[i]),
-                                      activity_on(modules, others, device=device), len(others)))
+            others = [np.concatenate([as_format(x, modules.parent.input_spec)
+                                      for j, sets in enumerate(images) if j != i for x in sets])
+                      for i, modules in enumerate(groups)]
+            learned = [forget(modules, own_activity(modules, activities[i]),
+                              activity_on(modules, others[i], device=device), len(others[i]))
+                       for i, modules in enumerate(groups)]
         if refit:
             with meter.step("recalibration"):
-                for i, modules in enumerate(learned):
-                    others = np.concatenate([x for j, sets in enumerate(images) if j != i for x in sets])
-                    learned[i] = recalibrate(modules, images[i], others, device=device).modules
+                learned = [recalibrate(modules, images[i], others[i], device=device).modules
+                           for i, modules in enumerate(learned)]
         composed = compose(learned)
     save_composition(out, composed, overwrite=True)
     emit(as_json, {"composition": str(out), "labels": list(composed.labels), "recalibrated": refit,
