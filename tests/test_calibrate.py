@@ -13,11 +13,7 @@ from cnnmod.calibrate import calibrate, labelled_sample
 from cnnmod.compose import ComposedClassifier, compose, reverified
 from cnnmod.data import ImageSet
 from cnnmod.errors import CnnmodError
-from fixtures.nets import RandomConvNet, parent_of, random_modules
-
-
-def grey_parent(seed: int = 2) -> object:
-    return parent_of(RandomConvNet(seed=seed).eval(), (6, 6), 1, ["cat", "shoe", "bag", "shirt"])
+from fixtures.nets import RandomConvNet, grey_parent, parent_of, random_modules
 
 
 def images_and_truth(composed: ComposedClassifier, n: int = 400) -> tuple[np.ndarray, np.ndarray]:

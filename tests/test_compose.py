@@ -195,6 +195,17 @@ def test_jaccard_is_kept_over_all_nodes() -> None:
     assert torch.equal(full.jaccard(), torch.ones(2))
 
 
+def gap_modules_masking_a_channel() -> ModuleSet:
+    """Two modules of a GapConvNet parent: module 0 masks channel 1 of the first ReLU completely, module 1
+    keeps everything."""
+    parent = parent_of(GapConvNet(), (4, 4))
+    sites = parent.model.sites["relu"]
+    masks = {s.name: torch.ones(2, *s.shape, dtype=torch.bool) for s in sites}
+    masks[sites[0].name][0, 1] = False
+    w, b = channel_heads(parent.model.head.weight, parent.model.head.bias, [0, 1])
+    return ModuleSet(parent, (0, 1), sites, masks, w, b)
+
+
 def test_parameter_counts_with_a_masked_conv_channel() -> None:
     # GapConvNet: conv1 (1->2, 3x3) -> relu a -> conv2 (2->2, 3x3) -> relu b -> GAP -> head (2->3).
     # Parent: conv1 2*9 + 2 = 20, conv2 2*2*9 + 2 = 38, head 3*2 + 3 = 9 -> 67.
@@ -203,13 +214,7 @@ def test_parameter_counts_with_a_masked_conv_channel() -> None:
     #   conv1: 1 live output channel x 1 input channel x 9 + 1 bias = 10
     #   conv2: 2 live outputs x 1 live input channel x 9 + 2 biases = 20          -> 36
     # Module 1 keeps everything: 6 + (2*9 + 2) + (2*2*9 + 2) = 64.
-    parent = parent_of(GapConvNet(), (4, 4))
-    sites = parent.model.sites["relu"]
-    masks = {s.name: torch.ones(2, *s.shape, dtype=torch.bool) for s in sites}
-    masks[sites[0].name][0, 1] = False
-    w, b = channel_heads(parent.model.head.weight, parent.model.head.bias, [0, 1])
-    modules = ModuleSet(parent, (0, 1), sites, masks, w, b)
-    counts = parameter_counts(modules)
+    counts = parameter_counts(gap_modules_masking_a_channel())
     assert counts.parent == 67
     assert counts.kept == [36, 64]
 
@@ -217,12 +222,7 @@ def test_parameter_counts_with_a_masked_conv_channel() -> None:
 def test_parameter_counts_parent_total_and_masking_a_channel_saves_its_weights() -> None:
     # The part of the count that does not involve the input layer: parent total 67 (see above), and masking
     # a's channel 1 saves at least conv2's 2 x 9 weights reading it.
-    parent = parent_of(GapConvNet(), (4, 4))
-    sites = parent.model.sites["relu"]
-    masks = {s.name: torch.ones(2, *s.shape, dtype=torch.bool) for s in sites}
-    masks[sites[0].name][0, 1] = False
-    w, b = channel_heads(parent.model.head.weight, parent.model.head.bias, [0, 1])
-    counts = parameter_counts(ModuleSet(parent, (0, 1), sites, masks, w, b))
+    counts = parameter_counts(gap_modules_masking_a_channel())
     assert counts.parent == 67
     assert counts.kept[1] - counts.kept[0] >= 18
     assert all(k <= counts.parent for k in counts.kept)

@@ -19,7 +19,7 @@ from cnnmod.inputs import InputSpec
 from cnnmod.modules import ModuleSet, Parent
 from cnnmod.reuse import activity_on, forget, own_activity, recalibrate
 from cnnmod.store import load_composition, save_composition, save_store
-from fixtures.nets import DenseNet, RandomConvNet, parent_of, random_modules, set_weights
+from fixtures.nets import DenseNet, RandomConvNet, grey_parent, parent_of, random_modules, set_weights
 
 
 class RgbNet(nn.Module):
@@ -42,11 +42,6 @@ class RgbNet(nn.Module):
 def rgb_parent() -> Parent:
     """8x8 RGB parent with ImageNet normalisation; classes cat, dog, car."""
     return Parent.from_model(RgbNet().eval(), InputSpec.default((8, 8), 3), ["cat", "dog", "car"], "rgbnet")
-
-
-def grey_parent() -> Parent:
-    """6x6 grey parent with identity normalisation; classes cat, shoe, bag, shirt (cat clashes with rgb)."""
-    return parent_of(RandomConvNet(seed=2).eval(), (6, 6), 1, ["cat", "shoe", "bag", "shirt"])
 
 
 def uint8_images(n: int, size: int, channels: int, seed: int = 0) -> np.ndarray:
