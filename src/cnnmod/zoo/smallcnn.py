@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from .init import init_relu_layers
+from .init import PlainCNN
 
 
-class SmallCNN(nn.Module):
+class SmallCNN(PlainCNN):
     """conv3x3-BN-ReLU-maxpool2 twice, flatten, linear-ReLU-dropout, linear.
 
     The flattened size is fixed by ``input_size`` (28x28 by default); inputs of another size must be resized.
@@ -16,9 +15,8 @@ class SmallCNN(nn.Module):
 
     def __init__(self, *, widths: tuple[int, int] = (16, 32), hidden: int = 64, dropout: float = 0.25,
                  num_classes: int = 10, in_channels: int = 1, input_size: tuple[int, int] = (28, 28)) -> None:
-        super().__init__()
         c1, c2 = widths
-        self.features = nn.Sequential(
+        features = nn.Sequential(
             nn.Conv2d(in_channels, c1, 3, padding=1, bias=False),
             nn.BatchNorm2d(c1),
             nn.ReLU(),
@@ -29,15 +27,4 @@ class SmallCNN(nn.Module):
             nn.MaxPool2d(2),
         )
         flat = c2 * (input_size[0] // 4) * (input_size[1] // 4)
-        self.classifier = nn.Sequential(
-            nn.Linear(flat, hidden),
-            nn.ReLU(),
-            nn.Dropout(dropout),
-            nn.Linear(hidden, num_classes),
-        )
-        init_relu_layers(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)
-        x = torch.flatten(x, 1)
-        return self.classifier(x)  # type: ignore[no-any-return]
+        super().__init__(features, flat, hidden, dropout, num_classes)

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import nn
 
-from .init import init_relu_layers
+from .init import PlainCNN
 
 VGG11_HALF: tuple[int | str, ...] = (32, "M", 64, "M", 128, 128, "M", 256, 256, "M", 256, 256, "M")
 
 
-class CifarVGG(nn.Module):
+class CifarVGG(PlainCNN):
     """conv3x3-BN-ReLU blocks with 2x2 max-pools ("M" in ``cfg``), flatten, linear-ReLU-dropout, linear.
 
     The flattened size is fixed by ``input_size`` (32x32 by default); inputs of another size must be resized.
@@ -20,7 +19,6 @@ class CifarVGG(nn.Module):
 
     def __init__(self, *, cfg: Sequence[int | str] = VGG11_HALF, hidden: int = 128, dropout: float = 0.5,
                  num_classes: int = 10, in_channels: int = 3, input_size: tuple[int, int] = (32, 32)) -> None:
-        super().__init__()
         layers: list[nn.Module] = []
         channels, h, w = in_channels, input_size[0], input_size[1]
         for item in cfg:
@@ -31,16 +29,4 @@ class CifarVGG(nn.Module):
                 out = int(item)
                 layers += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
                 channels = out
-        self.features = nn.Sequential(*layers)
-        self.classifier = nn.Sequential(
-            nn.Linear(channels * h * w, hidden),
-            nn.ReLU(),
-            nn.Dropout(dropout),
-            nn.Linear(hidden, num_classes),
-        )
-        init_relu_layers(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)
-        x = torch.flatten(x, 1)
-        return self.classifier(x)  # type: ignore[no-any-return]
+        super().__init__(nn.Sequential(*layers), channels * h * w, hidden, dropout, num_classes)
