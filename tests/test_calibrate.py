@@ -110,5 +110,5 @@ def test_labelled_sample_draws_each_label_from_the_dataset_that_has_it() -> None
     assert set(images[1][:, 0, 0, 0].tolist()) <= {0, 8, 16}  # images of class x
     again, _ = labelled_sample(["z", "x"], [a, b], per_label=2, seed=0)
     assert all(np.array_equal(p, q) for p, q in zip(images, again, strict=True))
-    with pytest.raises(CnnmodError, match="no calibration data holds class 'w'"):
+    with pytest.raises(CnnmodError, match="none of the datasets given holds class 'w'"):
         labelled_sample(["w"], [a, b], per_label=2)

@@ -18,7 +18,7 @@ import torch
 from click.testing import Result
 
 from cnnmod.zoo import load_model_file
-from fixtures.cli import assert_error, ok_json
+from fixtures.cli import assert_error, assert_usage_error, ok_json
 
 Cli = Callable[..., Result]
 TINY_CLASSES = ["red", "green", "blue"]
@@ -122,10 +122,18 @@ def test_decompose_refuses_an_existing_out_unless_overwrite(cnnmod_cli: Cli, tin
     assert (out / "keep.txt").read_text() == "mine"
     assert not (out / "manifest.json").exists()
 
-    replaced = cnnmod_cli(*args, "--overwrite")
+    not_ours = cnnmod_cli(*args, "--overwrite")  # --overwrite replaces a store, never a user's folder
+    assert not_ours.exit_code != 0 and "not a cnnmod store" in not_ours.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+
+    store = tmp_path / "real"
+    first = cnnmod_cli("decompose", tiny_model, "--data", tiny_data, "--out", store, "--samples-per-class", 10)
+    assert first.exit_code == 0, first.stderr
+    replaced = cnnmod_cli("decompose", tiny_model, "--data", tiny_data, "--out", store, "--samples-per-class", 5,
+                          "--overwrite")
     assert replaced.exit_code == 0, replaced.stderr
-    assert (out / "manifest.json").is_file() and not (out / "keep.txt").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["store"]  # no temporary folders left beside it
+    assert json.loads((store / "manifest.json").read_text())["config"]["samples_per_class"] == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["real", "store"]  # no temporary folders left beside it
 
 
 def test_decompose_plain_checkpoint_with_arch(cnnmod_cli: Cli, plain_checkpoint: Path, tiny_data: Path,
@@ -265,25 +273,28 @@ def test_tradeoff_writes_plot_and_table(cnnmod_cli: Cli, tiny_store: Path, tiny_
         assert 0.0 <= row["top1"] <= 1.0 and 0.0 <= row["kept_parameters"] <= 1.0
 
 
-def test_tradeoff_default_out_is_inside_the_store(cnnmod_cli: Cli, tiny_store: Path, tiny_data: Path,
-                                                  tmp_path: Path) -> None:
+def test_tradeoff_without_out_prints_and_writes_nothing(cnnmod_cli: Cli, tiny_store: Path, tiny_data: Path,
+                                                        tmp_path: Path) -> None:
     store = store_copy(tiny_store, tmp_path)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     result = cnnmod_cli("tradeoff", store, "--data", tiny_data, "--rho", "0.1", "--granularity", "node",
                         "--limit", 9)
     assert result.exit_code == 0, result.stderr
-    assert (store / "tradeoff" / "tradeoff.md").is_file() and (store / "tradeoff" / "tradeoff.png").is_file()
+    assert "mean Jaccard" in result.stdout
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
 def test_tradeoff_rho_out_of_range_is_an_error(cnnmod_cli: Cli, tiny_store: Path, tiny_data: Path,
                                                tmp_path: Path) -> None:
-    result = cnnmod_cli("tradeoff", tiny_store, "--data", tiny_data, "--rho", "1.5", "--out", tmp_path, "--json")
-    assert_error(result, "rho", "1.5")
+    result = cnnmod_cli("tradeoff", tiny_store, "--data", tiny_data, "--rho", "1.5", "--out", tmp_path / "t", "--json")
+    assert_usage_error(result, "--rho", "1.5")
 
 
 def test_tradeoff_rho_that_is_no_number_is_an_error(cnnmod_cli: Cli, tiny_store: Path, tiny_data: Path,
                                                     tmp_path: Path) -> None:
-    result = cnnmod_cli("tradeoff", tiny_store, "--data", tiny_data, "--rho", "0,abc", "--out", tmp_path, "--json")
-    assert_error(result, "abc")
+    result = cnnmod_cli("tradeoff", tiny_store, "--data", tiny_data, "--rho", "0,abc", "--out", tmp_path / "t",
+                        "--json")
+    assert_usage_error(result, "abc")
 
 
 def test_variants_table(cnnmod_cli: Cli, tiny_model: Path, tiny_data: Path) -> None:

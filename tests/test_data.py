@@ -461,9 +461,16 @@ def test_corrupt_cache_is_ignored_and_rewritten(tmp_path: Path) -> None:
     assert not list(cache.glob("*.tmp"))
 
 
-def test_progress_bar_goes_to_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_progress_bar_goes_to_stderr_on_a_terminal_only(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import cnnmod.progress
+
     write_folder(tmp_path / "d")
-    load_dataset(tmp_path / "d", progress=True)
+    load_dataset(tmp_path / "d", progress=True, cache_dir=tmp_path / "c1")
+    out, err = capsys.readouterr()
+    assert out == "" and err == ""  # captured stderr is no terminal: a log gets no bar lines
+    monkeypatch.setattr(cnnmod.progress, "_is_terminal", lambda stream: True)
+    load_dataset(tmp_path / "d", progress=True, cache_dir=tmp_path / "c2")
     out, err = capsys.readouterr()
     assert out == "" and "decoding" in err
 

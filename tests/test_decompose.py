@@ -505,3 +505,57 @@ def test_bad_requests_are_refused() -> None:
     activity = observe(parent, images, labels, DecomposeConfig(), progress=False)
     with pytest.raises(CnnmodError, match="recorded at relu sites"):
         derive_modules(parent, activity, DecomposeConfig(sites="conv"))
+
+
+class _Squeezed(torch.nn.Module):
+    """Input (1, 4, 4) -> conv 3x3 pad 1 (1->3) -> ReLU -> global average pool -> `.squeeze()` -> head (3->4)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.conv = torch.nn.Conv2d(1, 3, 3, padding=1)
+            self.head = torch.nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.conv(x))
+        return self.head(torch.nn.functional.adaptive_avg_pool2d(a, 1).squeeze())  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("variant", ["bln", "bi"])
+def test_one_class_alone_survives_squeeze_before_the_head(variant: str) -> None:
+    """Backtracking runs a chunk of classes as a batch; a chunk of one class used to lose its batch dimension
+    at `.squeeze()`, and every mask of that class came back empty."""
+    parent = Parent.from_model(_Squeezed().eval(), InputSpec((4, 4), 1, (0.0,), (1.0,)), ["a", "b", "c", "d"])
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(40, 1, 4, 4)).astype(np.float32)
+    labels = np.repeat(np.arange(4), 10)
+    config = DecomposeConfig(samples_per_class=10, variant=variant)
+    every, _ = decompose(parent, images, labels, config, progress=False)
+    alone, _ = decompose(parent, images, labels, config, classes=["d"], progress=False)
+    site = every.sites[0].name
+    assert bool(alone.masks[site].any())
+    assert torch.equal(alone.masks[site][0], every.masks[site][3])
+
+
+def test_conservative_backtracking_is_recorded_in_the_config() -> None:
+    """A dilated max-pool has no exact pattern: every window input of a needed output is kept, and the node is
+    named in the config; MC-BLN stopping at a convolution is the variant's rule, not recorded."""
+
+    class Dilated(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 1, 1)
+            self.pool = torch.nn.MaxPool2d(2, stride=1, dilation=2)
+            self.head = torch.nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.pool(torch.relu(self.conv(x)))).flatten(1))  # type: ignore[no-any-return]
+
+    parent = parent_of(Dilated().eval(), (4, 4), classes=["a", "b"])
+    activity = activity_from_masks(parent, all_kept(parent))
+    assert "conservative_ops" not in derive_modules(parent, activity, DecomposeConfig(variant="ci")).config
+    for variant in ("bln", "bi"):
+        modules = derive_modules(parent, activity, DecomposeConfig(variant=variant, tangling_ratio=0))
+        assert modules.config["conservative_ops"] == ["pool"]
+        assert bool(mask_of(modules, 0).all())

@@ -18,6 +18,7 @@ from cnnmod.activity import Activity
 from cnnmod.decompose import DecomposeConfig, decompose
 from cnnmod.errors import StoreError
 from cnnmod.modules import ModuleSet, Parent
+from cnnmod.outputs import OutputError
 from cnnmod.store import load_store, read_manifest, save_store, store_files
 from fixtures.nets import RandomConvNet, parent_of
 
@@ -232,7 +233,7 @@ def test_inconsistent_manifest_is_store_error(saved: Path, edit: Callable[[dict[
 def test_save_without_overwrite_refuses_and_keeps_the_old_store(saved: Path,
                                                                 subset: tuple[ModuleSet, Activity]) -> None:
     before = store_files(saved)
-    with pytest.raises(StoreError, match="--overwrite"):
+    with pytest.raises(OutputError, match="--overwrite"):
         save_store(saved, *subset)
     assert store_files(saved) == before
     assert sorted(p.name for p in saved.parent.iterdir()) == ["store"]
@@ -241,8 +242,10 @@ def test_save_without_overwrite_refuses_and_keeps_the_old_store(saved: Path,
 def test_save_into_an_existing_unrelated_folder_refuses(subset: tuple[ModuleSet, Activity], tmp_path: Path) -> None:
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "cat.jpg").write_bytes(b"meow")
-    with pytest.raises(StoreError, match="exists"):
+    with pytest.raises(OutputError, match="exists"):
         save_store(tmp_path / "photos", *subset)
+    with pytest.raises(OutputError, match="not a cnnmod store"):
+        save_store(tmp_path / "photos", *subset, overwrite=True)
     assert (tmp_path / "photos" / "cat.jpg").read_bytes() == b"meow"
 
 

@@ -245,3 +245,101 @@ def test_class_names_must_match_the_head() -> None:
 
     with pytest.raises(CnnmodError, match="4 outputs but 3 class names"):
         Parent.from_model(DenseNet(), plain_spec((1, 5)), ["a", "b", "c"])
+
+
+class SharedInplaceRelu(nn.Module):
+    """One `nn.ReLU(inplace=True)` at two call sites, each input read again after the call: in eager, the
+    reads see the ReLU's output. Tracing once switched `inplace` off at the first site for both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 3, 3, padding=1)
+        self.conv2 = nn.Conv2d(3, 3, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.head = nn.Linear(3 * 6 * 6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.conv1(x)
+        b = self.relu(a)
+        c = self.conv2(b) + a  # `a` is b now
+        d = self.relu(c)
+        return self.head((d + c).flatten(1))  # `c` is d now
+
+
+def test_shared_inplace_relu_traces_equal_to_eager() -> None:
+    torch.manual_seed(0)
+    model = SharedInplaceRelu().eval()
+    parent = parent_of(model, (6, 6))
+    assert len(parent.model.sites["relu"]) == 2
+    x = torch.randn(16, 1, 6, 6)
+    with torch.no_grad():
+        assert torch.equal(parent.model.graph(x), model(x))
+    assert model.relu.inplace
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_model_is_traced_in_its_own_dtype(dtype: torch.dtype) -> None:
+    """The shape check runs in the model's dtype (it used to feed float32 and blame the model); the parent
+    computes in float32 from the same weights."""
+    from fixtures.nets import RandomConvNet
+
+    model = RandomConvNet().eval().to(dtype)
+    parent = Parent.from_model(model, plain_spec((6, 6)), ["a", "b", "c", "d"])
+    assert all(p.dtype == torch.float32 for p in parent.model.graph.parameters())
+    assert parent.model.head.weight.dtype == torch.float32
+    x = torch.randn(5, 1, 6, 6)
+    with torch.no_grad():
+        assert torch.equal(parent.model.graph(x), model.float()(x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_model_is_traced_on_its_device() -> None:
+    from fixtures.nets import RandomConvNet
+
+    model = RandomConvNet().eval().cuda()
+    parent = Parent.from_model(model, plain_spec((6, 6)), ["a", "b", "c", "d"])
+    x = torch.randn(5, 1, 6, 6)
+    with torch.no_grad():
+        assert torch.allclose(parent.model.graph(x), model(x.cuda()).cpu(), atol=1e-5)
+    assert torch.allclose(parent.logits(x.numpy(), device="cuda"), parent.logits(x.numpy(), device="cpu"), atol=1e-5)
+
+
+def test_inplace_write_into_a_view_is_refused() -> None:
+    """`torch.relu_` on a slice also changes the tensor it slices; the traced graph could not say so."""
+
+    class SliceRelu(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 3, 1)
+            self.head = nn.Linear(3 * 2 * 2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a = self.conv(x)
+            torch.relu_(a[:, :2])
+            return self.head(F.relu(a).flatten(1) - a.flatten(1))
+
+    torch.manual_seed(0)
+    with pytest.raises(TraceError, match="differs from the model .*in-place"):
+        parent_of(SliceRelu().eval(), (2, 2), classes=["a", "b"])
+
+
+def test_tracing_uses_inference_semantics() -> None:
+    """A model handed over in training mode is traced in eval mode (`if self.training` branches too)."""
+
+    class TrainBranch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = F.relu(self.fc(x.flatten(1)))
+            if self.training:
+                h = h * 0
+            return self.head(h)
+
+    model = TrainBranch().train()
+    parent = parent_of(model, (1, 3), classes=["a", "b"])
+    x = torch.randn(4, 1, 1, 3)
+    with torch.no_grad():
+        assert torch.equal(parent.model.graph(x), model.eval()(x))

@@ -15,6 +15,7 @@ from torch import nn
 from cnnmod.errors import ModelError, StoreError
 from cnnmod.inputs import InputSpec
 from cnnmod.zoo import (
+    arch_of,
     create_model,
     list_models,
     load_model_file,
@@ -43,12 +44,35 @@ def _input(name: str, batch: int = 3) -> torch.Tensor:
     return torch.randn(batch, info.in_channels, *info.input_size, generator=torch.Generator().manual_seed(0))
 
 
+DEEP = {f"resnet{d}{s}" for d in (110, 1202) for s in ("", "_b", "_nobn", "_b_nobn")}
+
+
 def test_registry_lists_every_variant() -> None:
-    assert set(list_models()) == _expected_names()
+    assert set(list_models()) == _expected_names() | DEEP
     tiny = ["resnet_tiny", "resnet_tiny_b", "resnet_tiny_b_nobn", "resnet_tiny_nobn"]
     assert list_models("resnet_tiny*") == tiny
     assert model_info("smallcnn").input_size == (28, 28) and model_info("smallcnn").in_channels == 1
     assert model_info("resnet56").input_size == (32, 32) and model_info("resnet56").in_channels == 3
+
+
+def test_cifar_resnets_of_any_depth_6n_plus_2() -> None:
+    """pytorch_resnet_cifar10's ResNet-110 and -1202 are listed; other depths 6n+2 are built when named."""
+    assert model_info("resnet110").description.startswith("CIFAR ResNet-110")
+    model = create_model("resnet110", num_classes=10).eval()
+    assert len(model.layer1) == len(model.layer2) == len(model.layer3) == 18
+    assert sum(p.numel() for p in model.parameters()) == 1_727_962  # the paper's 1.7M
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    assert model_info("resnet1202").in_channels == 3
+    tiny = create_model("resnet8_b_nobn", num_classes=3)
+    assert len(tiny.layer3) == 1 and "layer2.0.shortcut.0.weight" in tiny.state_dict()
+    assert arch_of(tiny) == "resnet8_b_nobn"
+    assert "resnet8" not in list_models()  # built on demand, not added to the list
+    for name in ("resnet21", "resnet2", "resnet6008"):
+        with pytest.raises(ModelError, match=r"6n\+2"):
+            model_info(name)
+    with pytest.raises(ModelError, match="unknown architecture 'resnet020'"):
+        model_info("resnet020")
 
 
 def test_unknown_name_suggests_close_matches() -> None:
@@ -206,7 +230,7 @@ def test_model_file_errors(tmp_path: Path) -> None:
     # weights that do not fit the architecture the metadata names
     lie = create_model("resnet_tiny_b", 2)
     save_model_file(tmp_path / "lie.safetensors", lie, "resnet_tiny", ["a", "b"], spec)
-    with pytest.raises(ModelError, match="unexpected key 'layer2.0.shortcut"):
+    with pytest.raises(ModelError, match="unexpected keys 'layer2.0.shortcut"):
         load_model_file(tmp_path / "lie.safetensors")
 
 

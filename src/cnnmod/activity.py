@@ -11,7 +11,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .errors import CnnmodError
-from .inputs import InputSpec
+from .inputs import InputSpec, batch_slices
+from .progress import show_progress
 from .trace import Site, TracedModel, with_taps
 
 
@@ -38,6 +39,7 @@ def plan_samples(
     samples_per_class: int,
     tangling_ratio: float,
     seed: int,
+    class_names: Sequence[str] | None = None,
 ) -> SamplePlan:
     """Draw CI samples for the chosen classes and TI shares from every class, determined by `seed` alone."""
     if samples_per_class < 1:
@@ -61,7 +63,8 @@ def plan_samples(
     idx, grp = np.concatenate(indices), np.concatenate(groups)
     missing = [c for c in chosen if not np.any(grp // 2 == c)]
     if missing:
-        raise CnnmodError(f"the data holds no samples of class index {missing[0]}; decompose other classes")
+        name = repr(class_names[missing[0]]) if class_names is not None else f"index {missing[0]}"
+        raise CnnmodError(f"the data holds no samples of class {name}; decompose other classes")
     return SamplePlan(idx, grp, num_classes, tuple(int(c) for c in chosen))
 
 
@@ -124,10 +127,9 @@ def record_activity(
     net.eval()
     order = np.argsort(plan.groups, kind="stable")
     idx, grp = plan.indices[order], plan.groups[order]
-    bar = tqdm(total=len(idx), desc="observing", unit="img", disable=not progress, leave=False)
+    bar = tqdm(total=len(idx), desc="observing", unit="img", disable=not show_progress(progress), leave=False)
     with torch.inference_mode():
-        for start in range(0, len(idx), batch_size):
-            batch = slice(start, start + batch_size)
+        for batch in batch_slices(len(idx), batch_size):  # no batch of one: `.squeeze()` would drop it
             current[0] = torch.as_tensor(grp[batch], device=device)
             net(input_spec.prepare(images[idx[batch]], device))
             bar.update(len(idx[batch]))

@@ -1,117 +1,91 @@
 """Backtracking (MC-BLN, MC-BI): which nodes can still influence the kept head outputs, for all classes at once.
 
-Each graph operation is run on all-ones inputs with unit weights, and its vector-Jacobian product with the
-0/1 "needed" mask of its output tells which input nodes feed a needed output: for the structural operations
-handled here (convolution, pooling windows, dense layers, Add, concatenation, slicing, padding, reshapes)
-that is exactly the receptive-field rule, computed with tensor operations. Operations not known here are
-treated conservatively: if any output node is needed, every input node is.
+Classes are the batch: row c of every mask belongs to class c. Walking the graph backwards, each operation
+passes the 0/1 "needed" mask of its output to its inputs the way the op table (cnnmod.ops) says:
+
+- elementwise operations pass it position by position (reduced over broadcast dimensions);
+- exact operations run their stand-in (unit weights: a convolution with an all-ones kernel, a max-pool as an
+  average over the same windows, a reshape as itself) on all-ones inputs, and the vector-Jacobian product with
+  the needed mask marks the input nodes that feed a needed output: exactly the receptive-field rule;
+- conservative operations need every input node of a class as soon as any output node of it is needed; the
+  decomposition records which nodes these were (`conservative_nodes`).
+
+MC-BLN stops at convolutions (every input of a needed convolution stays needed); MC-BI passes through them.
+Which nodes carry the batch comes from the tracer, never from a coincidence of sizes, and the batch is never
+run with one row, where `.squeeze()` would drop it. Any failure is an error naming the layer, never a silent
+"keep everything".
 """
 
 from __future__ import annotations
 
-import copy
 import operator
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
-import torch.nn.functional as F
 
-from .trace import CONV_FUNCTIONS, CONV_MODULES, RELU_FUNCTIONS, RELU_METHODS, TracedModel
-
-_IDENTITY_MODULES = (nn.ReLU, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity,
-                     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_AS_IS_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.Flatten)
-_AS_IS_FUNCTIONS = (
-    operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.truediv,
-    operator.getitem, torch.add, torch.mul, torch.cat, torch.flatten, torch.mean, torch.sum, torch.reshape,
-    torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose, F.pad, F.avg_pool1d, F.avg_pool2d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-)
-_IDENTITY_FUNCTIONS = (*RELU_FUNCTIONS, F.dropout, F.dropout2d)
-_AS_IS_METHODS = (
-    "view", "reshape", "flatten", "mean", "sum", "add", "add_", "mul", "mul_", "sub", "div", "permute",
-    "transpose", "contiguous", "squeeze", "unsqueeze", "expand", "clone", *RELU_METHODS,
-)
+from . import ops
+from .errors import TraceError
+from .trace import TracedModel, batch_layout, meta_values, node_label
 
 
-class _Conservative(Exception):
-    pass
+@dataclass(frozen=True)
+class _Step:
+    """How the needed mask of one node reaches its inputs."""
+
+    mode: Literal["elementwise", "jacobian", "all"]
+    call: fx.Node
+    """The node whose arguments are the inputs: the node itself, or for `parts[i]` the node making `parts`."""
+    fn: Callable[..., Any] | None = None
+    index: Any = None
+    conservative: bool = False
 
 
-def _max_pool_as_windows(input: torch.Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0,
-                         dilation: Any = 1, ceil_mode: bool = False, return_indices: bool = False) -> torch.Tensor:
-    if dilation not in (1, (1, 1)) or return_indices:
-        raise _Conservative
-    return F.avg_pool2d(input, kernel_size, stride, padding, ceil_mode)
+def _batched(model: TracedModel) -> frozenset[str]:
+    return model.batched or batch_layout(model.graph, model.input_shape).batched
 
 
-def _adaptive_max_as_windows(input: torch.Tensor, output_size: Any, return_indices: bool = False) -> torch.Tensor:
-    if return_indices:
-        raise _Conservative
-    return F.adaptive_avg_pool2d(input, output_size)
+def _step(gm: fx.GraphModule, node: fx.Node, batched: frozenset[str], through_conv: bool) -> _Step:
+    call, index = node, None
+    source = node.args[0] if node.args else None
+    if node.target is operator.getitem and isinstance(source, fx.Node) and source.name not in batched:
+        call, index = source, node.args[1]  # one part of a tuple of batched tensors (chunk, split)
+    op = ops.lookup(gm, call)
+    if op is None:
+        raise TraceError(f"cannot backtrack through layer {node_label(gm, call)}: it is not in the op table")
+    if op.convolution and not through_conv:
+        return _Step("all", call)  # MC-BLN backtracks through dense layers only
+    if op.passes is ops.Pass.SHAPE:
+        raise TraceError(f"layer {node_label(gm, call)} reads only shapes but its output carries the batch")
+    if op.passes is ops.Pass.ELEMENTWISE and index is None:
+        return _Step("elementwise", call)
+    module = gm.get_submodule(str(call.target)) if call.op == "call_module" else None
+    fn = op.make_stand_in(call, module)
+    if fn is None:
+        return _Step("all", call, conservative=True)
+    return _Step("jacobian", call, fn, index)
 
 
-def _structural_call(gm: fx.GraphModule, node: fx.Node, through_conv: bool) -> Callable[..., Any]:
-    """A function with the node's call signature whose Jacobian has the node's dependency pattern."""
-    if node.op == "call_module":
-        mod = gm.get_submodule(str(node.target))
-        if isinstance(mod, _IDENTITY_MODULES):
-            return lambda x: x
-        if isinstance(mod, _AS_IS_MODULES):
-            return mod
-        if isinstance(mod, CONV_MODULES):
-            if not through_conv or mod.padding_mode != "zeros":
-                raise _Conservative
-            conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[mod.weight.dim() - 2]
-            ones = torch.ones_like(mod.weight, device="cpu")
-            return lambda x: conv(x, ones, None, mod.stride, mod.padding, mod.dilation, mod.groups)
-        if isinstance(mod, nn.Linear):
-            ones = torch.ones_like(mod.weight, device="cpu")
-            return lambda x: F.linear(x, ones)
-        if isinstance(mod, nn.MaxPool2d):
-            return lambda x: _max_pool_as_windows(x, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
-                                                  mod.ceil_mode)
-        if isinstance(mod, nn.AdaptiveMaxPool2d):
-            return lambda x: F.adaptive_avg_pool2d(x, mod.output_size)
-        raise _Conservative
-    if node.op == "call_function":
-        if node.target in _IDENTITY_FUNCTIONS:
-            return lambda x, *a, **k: x
-        if node.target in CONV_FUNCTIONS:
-            if not through_conv:
-                raise _Conservative
-            return node.target  # weights arrive as ones
-        if node.target is F.linear or node.target in _AS_IS_FUNCTIONS:
-            return node.target  # type: ignore[return-value]
-        if node.target is F.max_pool2d:
-            return _max_pool_as_windows
-        if node.target is F.adaptive_max_pool2d:
-            return _adaptive_max_as_windows
-        raise _Conservative
-    if node.op == "call_method" and node.target in _AS_IS_METHODS:
-        name = str(node.target)
-        if name in RELU_METHODS:
-            return lambda x, *a, **k: x
-        return lambda x, *a, **k: getattr(x, name)(*a, **k)
-    raise _Conservative
+def _walked(model: TracedModel, batched: frozenset[str]) -> list[fx.Node]:
+    """The nodes backtracking visits, last first: those that carry the batch, except the head."""
+    return [n for n in reversed(list(model.graph.graph.nodes))
+            if n.name in batched and n.op in ("call_module", "call_function", "call_method")
+            and n.name != model.head.node]
 
 
-def _meta_values(gm: fx.GraphModule, input_shape: tuple[int, ...], batch: int) -> dict[str, Any]:
-    """Every node's value when the graph runs on a batch of `batch` on the meta device (shapes only)."""
-    values: dict[str, Any] = {}
-    meta = copy.deepcopy(gm).to("meta")
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, n: fx.Node) -> Any:
-            out = super().run_node(n)
-            values[n.name] = out
-            return out
-
-    Recorder(meta).run(torch.empty(batch, *input_shape, device="meta"))
-    return values
+def conservative_nodes(model: TracedModel, through_conv: bool) -> list[str]:
+    """Names of the nodes that backtracking passes conservatively (no exact dependency pattern), in graph order;
+    for a part of a tuple (`x, indices = pool(x)`), the node making the tuple."""
+    batched = _batched(model)
+    gm = model.graph
+    names: dict[str, None] = {}
+    for node in reversed(_walked(model, batched)):
+        step = _step(gm, node, batched, through_conv)
+        if step.conservative:
+            names[step.call.name] = None
+    return list(names)
 
 
 def backtrack(
@@ -126,61 +100,57 @@ def backtrack(
     Returns the reduced site masks and the needed-mask of every tensor node (for parameter counting).
     """
     gm = model.graph
-    batch = int(head_need.shape[0])
-    values = _meta_values(gm, model.input_shape, batch)
-
-    def tracked(n: object) -> bool:
-        v = values.get(n.name) if isinstance(n, fx.Node) else None
-        return isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == batch
-
+    rows = int(head_need.shape[0])
+    batch = max(rows, 2)  # with one row, `.squeeze()` would drop the batch dimension
+    if batch != rows:
+        head_need = _pad(head_need, batch)
+        site_masks = {k: _pad(v, batch) for k, v in site_masks.items()}
+    batched = _batched(model)
+    values = meta_values(gm, model.input_shape, batch)
     need: dict[str, torch.Tensor] = {model.head.feature: head_need.clone()}
-    untracked_used: set[str] = set()
-    result: dict[str, torch.Tensor] = {}
 
-    def add_need(n: fx.Node, mask: torch.Tensor) -> None:
-        if n.name in need:
-            need[n.name] |= mask
-        else:
-            need[n.name] = mask
+    def add_need(name: str, mask: torch.Tensor) -> None:
+        need[name] = need[name] | mask if name in need else mask
 
-    for node in reversed(list(gm.graph.nodes)):
-        if node.op == "placeholder" and node.name in need:
-            result[node.name] = need[node.name]
-        if node.op in ("output", "placeholder", "get_attr") or node.name == model.head.node:
-            continue
-        inputs = [a for a in node.all_input_nodes if tracked(a)]
-        if not tracked(node):
-            if node.name in untracked_used:
-                for a in inputs:
-                    add_need(a, torch.ones(values[a.name].shape, dtype=torch.bool))
-            continue
+    for node in _walked(model, batched):
         cur = need.get(node.name)
         if cur is None:
             cur = torch.zeros(values[node.name].shape, dtype=torch.bool)
         if node.name in site_masks:
             cur = cur & site_masks[node.name]
         need[node.name] = cur
-        result[node.name] = cur
-        if node.target is operator.getitem and not tracked(node.args[0]) and isinstance(node.args[0], fx.Node):
-            if cur.any():
-                untracked_used.add(node.args[0].name)
+        if not cur.any():
             continue
-        if not inputs or not cur.any():
-            continue
-        for a, contribution in _contributions(gm, node, cur, inputs, values, through_conv).items():
-            add_need(a, contribution)
-    masks = {name: result.get(name, torch.zeros_like(m)) for name, m in site_masks.items()}
+        step = _step(gm, node, batched, through_conv)
+        inputs = [a for a in step.call.all_input_nodes if a.name in batched]
+        for a, contribution in _contributions(gm, node, step, cur, inputs, values).items():
+            add_need(a.name, contribution)
+    tensors = {n.name for n in gm.graph.nodes if n.name in batched}
+    result = {name: mask[:rows] for name, mask in need.items() if name in tensors}
+    masks = {name: result[name] if name in result else torch.zeros_like(m[:rows]) for name, m in site_masks.items()}
     return masks, result
+
+
+def _pad(mask: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.cat([mask, mask[-1:].expand(rows - mask.shape[0], *mask.shape[1:])])
 
 
 def _contributions(
     gm: fx.GraphModule,
     node: fx.Node,
+    step: _Step,
     cur: torch.Tensor,
     inputs: list[fx.Node],
     values: dict[str, Any],
-    through_conv: bool,
 ) -> dict[fx.Node, torch.Tensor]:
+    """The needed mask each batched input of `node` gets from `cur`, the needed mask of the node's output."""
+    if step.mode == "all":
+        alive = cur.flatten(1).any(1)
+        return {a: alive.view(-1, *([1] * (len(values[a.name].shape) - 1))).expand(values[a.name].shape).clone()
+                for a in inputs}
+    if step.mode == "elementwise":
+        return {a: _unbroadcast(gm, node, cur, tuple(values[a.name].shape)) for a in inputs}
+    assert step.fn is not None
     leaves = {a.name: torch.ones(values[a.name].shape, requires_grad=True) for a in inputs}
 
     def substitute(a: fx.Node) -> Any:
@@ -189,18 +159,29 @@ def _contributions(
         v = values[a.name]
         return torch.ones(v.shape) if isinstance(v, torch.Tensor) else v
 
+    args = fx.node.map_arg(step.call.args, substitute)
+    kwargs = fx.node.map_arg(step.call.kwargs, substitute)
     try:
-        fn = _structural_call(gm, node, through_conv)
-        args = fx.node.map_arg(node.args, substitute)
-        kwargs = fx.node.map_arg(node.kwargs, substitute)
         with torch.enable_grad():
-            out = fn(*args, **kwargs)
+            out = step.fn(*args, **kwargs)
+            if step.index is not None:
+                out = out[step.index]
             if not isinstance(out, torch.Tensor) or out.shape != cur.shape:
-                raise _Conservative
+                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ValueError(f"its stand-in gives {shape}, the layer {tuple(cur.shape)}")
             grads = torch.autograd.grad(out, list(leaves.values()), grad_outputs=cur.float(), allow_unused=True)
-    except Exception:  # anything unknown or failing is treated conservatively: the node needs all its inputs
-        alive = cur.flatten(1).any(1)
-        return {a: alive.view(-1, *([1] * (len(values[a.name].shape) - 1))).expand(values[a.name].shape).clone()
-                for a in inputs}
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TraceError(f"cannot backtrack through layer {node_label(gm, node)}: {first}") from None
     return {a: (g != 0) if g is not None else torch.zeros(values[a.name].shape, dtype=torch.bool)
             for a, g in zip(inputs, grads, strict=True)}
+
+
+def _unbroadcast(gm: fx.GraphModule, node: fx.Node, need: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The needed mask of an elementwise operation's input of `shape`: its output's, OR-ed over the dimensions
+    the input was broadcast along."""
+    if need.dim() != len(shape):
+        raise TraceError(f"cannot backtrack through layer {node_label(gm, node)}: an input of shape {shape} is "
+                         f"broadcast to {tuple(need.shape)} across the batch dimension")
+    dims = [d for d, (n, s) in enumerate(zip(need.shape, shape, strict=True)) if s == 1 and n != 1]
+    return need.any(dim=tuple(dims), keepdim=True) if dims else need

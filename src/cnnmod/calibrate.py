@@ -96,7 +96,7 @@ def labelled_sample(labels: Sequence[str], sources: Sequence[ImageSet], per_labe
     for i, label in enumerate(labels):
         source = next((s for s in sources if label in s.classes), None)
         if source is None:
-            raise CnnmodError(f"no calibration data holds class {label!r}")
+            raise CnnmodError(f"none of the datasets given holds class {label!r}")
         members = np.flatnonzero(source.labels == source.classes.index(label))
         images.append(source.images[np.sort(rng.permutation(members)[:per_label])])
         targets.append(np.full(len(images[-1]), i, dtype=np.int64))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 
 from .activity import Activity, plan_samples, record_activity
-from .backtrack import backtrack
+from .backtrack import backtrack, conservative_nodes
 from .errors import CnnmodError
 from .modules import ModuleSet, Parent
 
@@ -39,8 +40,10 @@ class DecomposeConfig:
             raise CnnmodError(f"unknown sites {self.sites!r}; choose relu or conv")
         if not 0 <= self.rho < 1:
             raise CnnmodError(f"rho must be in [0, 1), got {self.rho}")
-        if self.samples_per_class < 1 or self.tangling_ratio < 0 or self.delta < 0:
-            raise CnnmodError("samples per class must be >= 1, tangling ratio and delta >= 0")
+        if self.samples_per_class < 1 or not 0 <= self.tangling_ratio < math.inf or not 0 <= self.delta < math.inf:
+            raise CnnmodError("samples per class must be >= 1, tangling ratio and delta finite and >= 0")
+        if self.seed < 0:
+            raise CnnmodError(f"the seed must be 0 or more, got {self.seed}")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -71,7 +74,7 @@ def observe(
     if len(labels) and (labels.min() < 0 or labels.max() >= parent.num_classes):
         raise CnnmodError(f"labels must lie in [0, {parent.num_classes}) to match the parent's classes")
     plan = plan_samples(labels, parent.num_classes, chosen, config.samples_per_class,
-                        config.tangling_ratio, config.seed)
+                        config.tangling_ratio, config.seed, parent.classes)
     return record_activity(parent.model, config.sites, images, plan, parent.input_spec, batch_size, device,
                            progress)
 
@@ -122,11 +125,15 @@ def derive_modules(parent: Parent, activity: Activity, config: DecomposeConfig =
     masks = keep_masks(activity, config.rho, config.granularity, config.tangling_ratio > 0)
     head = parent.model.head
     weight, bias = channel_heads(head.weight, head.bias, activity.chosen)
+    record = config.to_json()
     if config.variant != "ci":
         removed = (weight[:, 1] >= config.delta) & (weight[:, 0] <= -config.delta)
         weight = weight * (~removed).unsqueeze(1).to(weight.dtype)
-        masks = _backtracked(parent, masks, ~removed, through_conv=config.variant == "bi")
-    return ModuleSet(parent, activity.chosen, activity.sites, masks, weight, bias, config.to_json())
+        through_conv = config.variant == "bi"
+        masks = _backtracked(parent, masks, ~removed, through_conv=through_conv)
+        # nodes with no exact dependency pattern (by the op table): backtracking kept all their inputs
+        record["conservative_ops"] = conservative_nodes(parent.model, through_conv)
+    return ModuleSet(parent, activity.chosen, activity.sites, masks, weight, bias, record)
 
 
 def _backtracked(parent: Parent, masks: dict[str, torch.Tensor], head_need: torch.Tensor,

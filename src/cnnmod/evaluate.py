@@ -27,9 +27,9 @@ class ModuleReport:
     jaccard: float
     kept_parameters: int
     precision: float
-    recall: float
+    recall: float | None  # None: no test images of this class
     parent_precision: float
-    parent_recall: float
+    parent_recall: float | None
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from .energy import EnergyMeter, EnergyReport
 from .evaluate import relabel
 from .inputs import InputSpec, as_format
 from .modules import Parent
+from .progress import show_progress
 from .reuse import activity_on, forget, own_activity, recalibrate
 from .store import load_store, save_store
 from .train import train_parent
@@ -264,7 +265,7 @@ def intra_replace(weak: Parent, strong: Parent, data: Dataset, config: Decompose
     weak_composed = compose([weak_modules])
     calibrated = []
     with EnergyMeter() as meter:
-        for name in tqdm(weak.classes, desc="calibrating", disable=not progress, leave=False):
+        for name in tqdm(weak.classes, desc="calibrating", disable=not show_progress(progress), leave=False):
             replaced = replace(weak_composed, name, strong_modules.select([name]))
             images, truth = labelled_sample(replaced.labels, [data.train], calibration_samples, seed)
             calibrated.append(calibrate(replaced, images, truth, [name], device=device).composed.groups[-1])

@@ -26,6 +26,7 @@ __all__ = [
     "atomic_write_text",
     "load_safetensors",
     "pack_bits",
+    "process_umask",
     "sha256_file",
     "unpack_bits",
 ]
@@ -46,6 +47,20 @@ def sha256_file(path: Path | str) -> str:
     except OSError as e:
         raise StoreError(f"cannot read {path}: {e.strerror or e}") from e
     return digest.hexdigest()
+
+
+def process_umask() -> int:
+    """The process's umask, read without changing it where the system allows."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -70,11 +85,14 @@ def _temp_beside(path: Path) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~process_umask())
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
             raise StoreError(f"cannot write {path}: {e.strerror or e}") from e
+        if isinstance(e, safetensors.SafetensorError):
+            raise StoreError(f"cannot write {path}: {str(e).splitlines()[0] if str(e) else 'disk full?'}") from e
         raise
     try:
         _fsync_dir(path.parent)

@@ -1,136 +1,43 @@
 """Save and load a traced parent model as data: no pickles, no user code needed to load it.
 
 A `torch.fx.GraphModule` is described by a JSON document (every node in order, and each leaf module's
-type and constructor arguments) plus its tensors. Only whitelisted functions, methods and module types
-can be stored; loading looks every name up in the same whitelists, never imports or resolves a name
-taken from the file, and checks every identifier that fx would put into generated code.
+type and constructor arguments) plus its tensors. Only the operations of the op table (cnnmod.ops) can be
+stored, under the stable names the table gives them; loading looks every name up in the same table, never
+imports or resolves a name taken from the file, and checks every identifier that fx would put into generated
+code.
 """
 
 from __future__ import annotations
 
-import builtins
 import functools
 import json
 import keyword
 import math
 import operator
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
+from cnnmod import ops
 from cnnmod.errors import StoreError
 from cnnmod.fileio import atomic_save_safetensors, load_safetensors
 
-__all__ = ["graph_from_data", "graph_to_data", "load_graph", "save_graph"]
+__all__ = ["check_storable", "graph_from_data", "graph_to_data", "load_graph", "save_graph"]
 
 FORMAT = "cnnmod.graph"
 VERSION = 1
 METADATA_KEY = "cnnmod.graph"
 
 _STORABLE_HINT = (
-    "only standard layers (Conv, Linear, ReLU, pooling, Flatten, Dropout, Identity, BatchNorm) "
-    "and common tensor functions can be stored"
+    "only standard layers (Conv, Linear, ReLU, pooling, padding, Flatten, Dropout, Identity, BatchNorm) "
+    "and common tensor functions, as listed in cnnmod.ops, can be stored"
 )
-
-# Stable name -> function. Names are written out, not computed, so they do not change with torch's
-# internals (F.max_pool2d is a `boolean_dispatch` wrapper, F.avg_pool2d a C builtin, ...).
-_FUNCTIONS: Mapping[str, Callable[..., Any]] = MappingProxyType(
-    {
-        "_operator.add": operator.add,
-        "_operator.sub": operator.sub,
-        "_operator.mul": operator.mul,
-        "_operator.truediv": operator.truediv,
-        "_operator.iadd": operator.iadd,
-        "_operator.getitem": operator.getitem,
-        "builtins.getattr": builtins.getattr,
-        "torch.add": torch.add,
-        "torch.mul": torch.mul,
-        "torch.cat": torch.cat,
-        "torch.flatten": torch.flatten,
-        "torch.relu": torch.relu,
-        "torch.relu_": torch.relu_,
-        "torch.mean": torch.mean,
-        "torch.sum": torch.sum,
-        "torch.reshape": torch.reshape,
-        "torch.nn.functional.relu": F.relu,
-        "torch.nn.functional.pad": F.pad,
-        "torch.nn.functional.max_pool2d": F.max_pool2d,
-        "torch.nn.functional.avg_pool2d": F.avg_pool2d,
-        "torch.nn.functional.adaptive_avg_pool2d": F.adaptive_avg_pool2d,
-        "torch.nn.functional.adaptive_max_pool2d": F.adaptive_max_pool2d,
-        "torch.nn.functional.dropout": F.dropout,
-        "torch.nn.functional.linear": F.linear,
-        "torch.nn.functional.conv2d": F.conv2d,  # the same object as torch.conv2d
-    }
-)
-# Lookup by identity (functions hash by identity); the first name wins for aliases.
-_FUNCTION_NAMES: Mapping[Callable[..., Any], str] = MappingProxyType(
-    {fn: name for name, fn in reversed(list(_FUNCTIONS.items()))}
-)
-# `getattr` on a node is how fx records `x.shape`; only these attributes are allowed.
-_TENSOR_ATTRIBUTES = frozenset({"shape", "dtype", "device", "ndim"})
-
-_METHODS = frozenset(
-    {
-        "relu", "relu_", "view", "reshape", "flatten", "size", "mean", "sum", "add", "add_", "mul",
-        "permute", "transpose", "contiguous", "squeeze", "unsqueeze", "chunk", "split",
-    }
-)  # fmt: skip
-
-
-@dataclass(frozen=True)
-class _ModuleSpec:
-    """How to rebuild one whitelisted module type: its class and the constructor arguments to record."""
-
-    cls: type[nn.Module]
-    fields: tuple[str, ...]
-    has_bias: bool = False
-
-    def config(self, module: nn.Module) -> dict[str, Any]:
-        config = {field: getattr(module, field) for field in self.fields}
-        if self.has_bias:
-            config["bias"] = getattr(module, "bias", None) is not None
-        return config
-
-    def keys(self) -> frozenset[str]:
-        return frozenset(self.fields) | ({"bias"} if self.has_bias else frozenset())
-
-
-_CONV = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-         "padding_mode")  # fmt: skip
-_BATCHNORM = ("num_features", "eps", "momentum", "affine", "track_running_stats")
-_MODULES: Mapping[str, _ModuleSpec] = MappingProxyType(
-    {
-        "torch.nn.Conv1d": _ModuleSpec(nn.Conv1d, _CONV, has_bias=True),
-        "torch.nn.Conv2d": _ModuleSpec(nn.Conv2d, _CONV, has_bias=True),
-        "torch.nn.Linear": _ModuleSpec(nn.Linear, ("in_features", "out_features"), has_bias=True),
-        "torch.nn.ReLU": _ModuleSpec(nn.ReLU, ("inplace",)),
-        "torch.nn.MaxPool2d": _ModuleSpec(
-            nn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation", "return_indices", "ceil_mode")
-        ),
-        "torch.nn.AvgPool2d": _ModuleSpec(
-            nn.AvgPool2d,
-            ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
-        ),
-        "torch.nn.AdaptiveAvgPool2d": _ModuleSpec(nn.AdaptiveAvgPool2d, ("output_size",)),
-        "torch.nn.AdaptiveMaxPool2d": _ModuleSpec(nn.AdaptiveMaxPool2d, ("output_size", "return_indices")),
-        "torch.nn.Flatten": _ModuleSpec(nn.Flatten, ("start_dim", "end_dim")),
-        "torch.nn.Dropout": _ModuleSpec(nn.Dropout, ("p", "inplace")),
-        "torch.nn.Dropout2d": _ModuleSpec(nn.Dropout2d, ("p", "inplace")),
-        "torch.nn.Identity": _ModuleSpec(nn.Identity, ()),
-        "torch.nn.BatchNorm1d": _ModuleSpec(nn.BatchNorm1d, _BATCHNORM),
-        "torch.nn.BatchNorm2d": _ModuleSpec(nn.BatchNorm2d, _BATCHNORM),
-    }
-)
-_MODULE_NAMES: Mapping[type, str] = MappingProxyType({spec.cls: name for name, spec in _MODULES.items()})
 
 _DTYPES: Mapping[str, torch.dtype] = MappingProxyType(
     {
@@ -254,10 +161,15 @@ def _short(value: Any) -> str:
 
 
 def _function_name(target: Any) -> str | None:
-    try:
-        return _FUNCTION_NAMES.get(target)
-    except TypeError:  # an unhashable callable
-        return None
+    op = ops.TABLE.for_target("function", target)
+    return op.name if op is not None else None
+
+
+def _refused_use(node: Node, op: ops.Op | None, where: str) -> None:
+    """A supported target used in a way the table refuses (e.g. `getattr(x, "T")`)."""
+    reason = op.accepts(node) if op is not None and op.accepts is not None else None
+    if reason is not None:
+        raise StoreError(f"{where} {reason}, which cannot be stored")
 
 
 def _describe_target(node: Node) -> str:
@@ -279,26 +191,27 @@ def _encode_target(node: Node, gm: GraphModule, modules: dict[str, Any]) -> str:
             raise StoreError(
                 f"{where} calls {_describe_target(node)}, which cannot be stored: {_STORABLE_HINT}"
             )
-        if name == "builtins.getattr" and (len(node.args) != 2 or node.args[1] not in _TENSOR_ATTRIBUTES):
-            raise StoreError(f"{where} reads attribute {node.args[1:]!r}, which cannot be stored")
+        _refused_use(node, ops.TABLE.for_target("function", node.target), where)
         return name
     if node.op == "call_method":
-        if node.target not in _METHODS:
+        method = ops.TABLE.for_target("method", node.target)
+        if method is None:
             raise StoreError(
                 f"{where} calls method .{node.target}(), which cannot be stored: {_STORABLE_HINT}"
             )
+        _refused_use(node, method, where)
         return str(node.target)
     target = _check_path(node.target, where)
     if node.op == "call_module":
         module = gm.get_submodule(target)
-        type_name = _MODULE_NAMES.get(type(module))
-        if type_name is None:
+        spec = ops.TABLE.for_target("module", type(module))
+        if spec is None:
             kind = f"{type(module).__module__}.{type(module).__qualname__}"
             raise StoreError(
                 f"{where} calls module '{target}' of type {kind}, which cannot be stored: {_STORABLE_HINT}"
             )
-        spec = _MODULES[type_name]
-        config = {k: _encode(v, where) for k, v in spec.config(module).items()}
+        type_name = spec.name
+        config = {k: _encode(v, where) for k, v in spec.module_config(module).items()}
         expected = set(_build_module(type_name, spec, config, where).state_dict())
         if set(module.state_dict()) != expected:
             raise StoreError(
@@ -330,8 +243,24 @@ def _storable_tensor(tensor: torch.Tensor, seen: set[int], where: str) -> torch.
 def graph_to_data(gm: GraphModule) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """A JSON-able description of `gm` and its tensors by qualified name.
 
-    Raises StoreError naming the first node that uses something outside the whitelists.
+    Raises StoreError naming the first node that uses something outside the op table.
     """
+    desc, raw = _describe(gm)
+    seen: set[int] = set()
+    tensors = {name: _storable_tensor(t, seen, f"tensor '{name}'") for name, t in sorted(raw.items())}
+    return desc, tensors
+
+
+def check_storable(gm: GraphModule) -> None:
+    """Raise StoreError, naming the node, if `gm` cannot be stored; copies no tensor."""
+    _, raw = _describe(gm)
+    for name, tensor in raw.items():
+        if tensor.layout != torch.strided or str(tensor.dtype).removeprefix("torch.") not in _DTYPES:
+            raise StoreError(f"tensor '{name}' is a {tensor.layout} {tensor.dtype} tensor, which cannot be stored")
+
+
+def _describe(gm: GraphModule) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The JSON-able description of `gm` and its tensors as they are (any device, maybe sharing memory)."""
     if not isinstance(gm, GraphModule):
         raise StoreError(f"only a torch.fx.GraphModule can be stored, not {type(gm).__name__}")
     if type(gm.graph._codegen) is not torch.fx.graph.CodeGen:
@@ -375,8 +304,6 @@ def graph_to_data(gm: GraphModule) -> tuple[dict[str, Any], dict[str, torch.Tens
     for path in modules:
         for key, tensor in gm.get_submodule(path).state_dict().items():
             raw[f"{path}.{key}"] = tensor
-    seen: set[int] = set()
-    tensors = {name: _storable_tensor(t, seen, f"tensor '{name}'") for name, t in sorted(raw.items())}
     desc = {
         "format": FORMAT,
         "version": VERSION,
@@ -385,7 +312,7 @@ def graph_to_data(gm: GraphModule) -> tuple[dict[str, Any], dict[str, torch.Tens
         "attrs": attrs,
         "nodes": nodes,
     }
-    return desc, tensors
+    return desc, raw
 
 
 def _check_kwarg(key: object, where: str) -> str:
@@ -405,16 +332,17 @@ def save_graph(gm: GraphModule, path: Path | str) -> str:
 # Loading
 
 
-def _build_module(type_name: str, spec: _ModuleSpec, config: Any, where: str) -> nn.Module:
+def _build_module(type_name: str, spec: ops.Op, config: Any, where: str) -> nn.Module:
     """The module described by `config`, with its tensors on the meta device (no memory, no RNG use)."""
-    if not isinstance(config, dict) or set(config) != spec.keys():
+    keys = spec.config_keys()
+    if not isinstance(config, dict) or set(config) != keys:
         raise StoreError(
-            f"{where} has a {type_name} config with keys {_short(config)}, expected {sorted(spec.keys())}"
+            f"{where} has a {type_name} config with keys {_short(config)}, expected {sorted(keys)}"
         )
     kwargs = {k: _decode(v, None, where) for k, v in config.items()}
     try:
         with torch.device("meta"):
-            return spec.cls(**kwargs)
+            return spec.target(**kwargs)  # type: ignore[operator]
     except (TypeError, ValueError, RuntimeError) as e:
         raise StoreError(f"{where} has a {type_name} config that does not build: {e}") from e
 
@@ -459,7 +387,7 @@ def _build_root(desc: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tuple
         if not isinstance(entry, dict) or set(entry) != {"type", "config", "training"}:
             raise StoreError(f"{where} has a malformed entry {_short(entry)}")
         type_name = entry["type"]
-        spec = _MODULES.get(type_name) if isinstance(type_name, str) else None
+        spec = ops.TABLE.for_name("module", type_name)
         if spec is None:
             raise StoreError(f"{where} has type {_short(type_name)}, which is not a storable layer")
         module = _build_module(type_name, spec, entry["config"], where)
@@ -511,11 +439,12 @@ def _resolve_target(op: str, target: Any, root: nn.Module, desc: dict[str, Any],
             raise StoreError(f"{where} has output target {_short(target)}")
         return target
     if op == "call_function":
-        if target not in _FUNCTIONS:
+        function = ops.TABLE.for_name("function", target)
+        if function is None:
             raise StoreError(f"{where} calls {_short(target)}, which is not a storable function")
-        return _FUNCTIONS[target]
+        return function.target
     if op == "call_method":
-        if target not in _METHODS:
+        if ops.TABLE.for_name("method", target) is None:
             raise StoreError(f"{where} calls method {_short(target)}, which is not a storable method")
         return target
     _check_path(target, where)
@@ -555,13 +484,17 @@ def _build_graph(desc: dict[str, Any], root: nn.Module) -> Graph:
         target = _resolve_target(op, entry["target"], root, desc, where)
         args = tuple(_decode(a, env, where) for a in entry["args"])
         kwargs = {_check_kwarg(k, where): _decode(v, env, where) for k, v in entry["kwargs"].items()}
-        if target is builtins.getattr and (len(args) != 2 or args[1] not in _TENSOR_ATTRIBUTES):
-            raise StoreError(f"{where} reads attribute {_short(args[1:])}, which is not allowed")
         if op == "output":
             outputs += 1
             if len(args) != 1 or kwargs:
                 raise StoreError(f"{where} must have exactly one argument")
-        env[name] = graph.create_node(op, target, args, kwargs, name=name)
+        node = env[name] = graph.create_node(op, target, args, kwargs, name=name)
+        if op in ("call_function", "call_method"):
+            kind = "function" if op == "call_function" else "method"
+            spec = ops.TABLE.for_name(kind, entry["target"])
+            reason = spec.accepts(node) if spec is not None and spec.accepts is not None else None
+            if reason is not None:
+                raise StoreError(f"{where} {_short(reason)}, which is not allowed")
     if outputs != 1:
         raise StoreError("the graph has no output node")
     return graph

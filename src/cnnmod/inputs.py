@@ -36,10 +36,12 @@ class InputSpec:
         return cls(tuple(d["size"]), int(d["channels"]), tuple(d["mean"]), tuple(d["std"]))  # type: ignore[arg-type]
 
     def prepare(self, images: np.ndarray | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
-        """Turn raw images (uint8 NHWC, or float NCHW in [0, 1]) into this parent's normalised input."""
+        """Turn raw images (uint8 NHWC, or float NCHW in [0, 1]) into this parent's normalised input: float32
+        NCHW with the strides of a fresh tensor (given a channels-last one, convolutions answer channels-last
+        and a model's `x.view(x.size(0), -1)` fails)."""
         x = torch.as_tensor(images)
         if x.dtype == torch.uint8:
-            x = x.to(device).permute(0, 3, 1, 2).float() / 255.0
+            x = _nchw_strides(x.to(device).permute(0, 3, 1, 2)).float() / 255.0
         else:
             x = x.to(device=device, dtype=torch.float32)
         if x.shape[1] != self.channels:
@@ -53,7 +55,34 @@ class InputSpec:
             x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
         mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
-        return (x - mean) / std
+        return _nchw_strides((x - mean) / std)
+
+
+def _nchw_strides(x: torch.Tensor) -> torch.Tensor:
+    """`x`, copied unless its strides are those of a fresh tensor of its shape. `contiguous()` is not enough: a
+    one-channel NHWC batch permuted to NCHW counts as contiguous, yet convolutions treat it as channels-last."""
+    strides, step = [], 1
+    for size in reversed(x.shape):
+        strides.append(step)
+        step *= size
+    if x.stride() == tuple(reversed(strides)):
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
+
+
+def batch_slices(n: int, batch_size: int) -> list[slice]:
+    """Consecutive slices of `batch_size` items (at least 2; the last two may differ by one or merge) covering
+    `range(n)`, none of one item unless n is 1: a model with `x.squeeze()` before its head loses the batch
+    dimension on a batch of one."""
+    size = max(2, batch_size)
+    slices = [slice(start, min(start + size, n)) for start in range(0, n, size)]
+    if len(slices) > 1 and slices[-1].stop - slices[-1].start == 1:
+        before = slices[-2]
+        if before.stop - before.start > 2:
+            slices[-2:] = [slice(before.start, before.stop - 1), slice(before.stop - 1, n)]
+        else:
+            slices[-2:] = [slice(before.start, n)]
+    return slices
 
 
 def as_format(images: np.ndarray, spec: InputSpec) -> np.ndarray:

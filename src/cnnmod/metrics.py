@@ -8,6 +8,7 @@ from typing import cast
 import torch
 import torch.nn as nn
 
+from . import ops
 from .backtrack import backtrack
 from .modules import ModuleSet
 
@@ -21,14 +22,17 @@ def topk_accuracy(scores: torch.Tensor, targets: torch.Tensor, k: int) -> float:
     return float((top == targets.view(-1, 1)).any(1).float().mean())
 
 
-def precision_recall(pred: torch.Tensor, targets: torch.Tensor, num_classes: int) -> tuple[list[float], list[float]]:
-    """Per-class precision and recall; a class never predicted has precision 0."""
+def precision_recall(pred: torch.Tensor, targets: torch.Tensor,
+                     num_classes: int) -> tuple[list[float], list[float | None]]:
+    """Per-class precision and recall; a class never predicted has precision 0, a class with no samples has no
+    recall (None), since 0 would read as "every image missed"."""
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     confusion.index_put_((targets, pred), torch.ones_like(targets), accumulate=True)
     tp = confusion.diag().double()
     precision = tp / confusion.sum(0).clamp(min=1)
-    recall = tp / confusion.sum(1).clamp(min=1)
-    return precision.tolist(), recall.tolist()
+    support = confusion.sum(1)
+    recall = tp / support.clamp(min=1)
+    return precision.tolist(), [r if n > 0 else None for r, n in zip(recall.tolist(), support.tolist(), strict=True)]
 
 
 @dataclass(frozen=True)
@@ -41,8 +45,7 @@ def parameter_counts(modules: ModuleSet, classes_per_pass: int = 16) -> Paramete
     """Parameters of conv/linear layers each module still uses once dead channels are removed."""
     model = modules.parent.model
     gm = model.graph
-    layers = [n for n in gm.graph.nodes if n.op == "call_module"
-              and isinstance(gm.get_submodule(str(n.target)), (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
+    layers = [n for n in gm.graph.nodes if n.op == "call_module" and _is_layer(ops.lookup(gm, n))]
     parent_total = sum(p.numel() for n in layers for p in gm.get_submodule(str(n.target)).parameters())
     kept: list[int] = []
     for start in range(0, len(modules), classes_per_pass):
@@ -64,6 +67,11 @@ def parameter_counts(modules: ModuleSet, classes_per_pass: int = 16) -> Paramete
                 total += out_alive.sum(1)
         kept.extend(int(t) for t in total)
     return ParameterCount(kept, parent_total)
+
+
+def _is_layer(op: ops.Op | None) -> bool:
+    """A conv or linear module (by the op table): the layers whose parameters are counted."""
+    return op is not None and op.kind == "module" and op.site == "conv"
 
 
 def _channels(need: torch.Tensor | None, rows: int, channels: int) -> torch.Tensor:

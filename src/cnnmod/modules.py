@@ -14,7 +14,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .errors import CnnmodError
-from .inputs import InputSpec
+from .inputs import InputSpec, batch_slices
+from .progress import show_progress
 from .trace import Site, TracedModel, trace_model, with_taps
 
 
@@ -71,11 +72,15 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
 
 def _batched(fn: Callable[[np.ndarray], torch.Tensor], images: np.ndarray, batch_size: int, progress: bool,
              desc: str) -> torch.Tensor:
-    """`fn` over `images` in batches, without autograd; outputs concatenated on the CPU."""
+    """`fn` over `images` in batches, without autograd; outputs concatenated on the CPU. No batch holds one
+    image (a single image runs twice), so a model with `x.squeeze()` before its head keeps its batch."""
     outs = []
     with torch.inference_mode():
-        for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
-            outs.append(fn(images[start:start + batch_size]).float().cpu())
+        parts = batch_slices(len(images), batch_size)
+        for part in tqdm(parts, desc=desc, disable=not show_progress(progress), leave=False):
+            batch = images[part]
+            out = fn(batch) if len(batch) != 1 else fn(batch[np.zeros(2, dtype=np.int64)])[:1]
+            outs.append(out.float().cpu())
     return torch.cat(outs) if outs else torch.empty(0)
 
 
@@ -150,6 +155,9 @@ class ModuleSet:
         """The modules for these class names, in this order."""
         names = self.class_names
         rows = []
+        twice = sorted({c for c in classes if list(classes).count(c) > 1})
+        if twice:
+            raise CnnmodError(f"class {twice[0]!r} is asked for twice")
         for c in classes:
             if c not in names:
                 shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")

@@ -5,18 +5,14 @@
     STORE/modules/NNNN.safetensors masks (bit-packed, one per site) and the 2-output head
     STORE/activity.safetensors     per-class activity counts, so masks for another rho need no new pass
 
-A store is written into a temporary folder beside its destination and renamed into place. Loading checks
-every file's sha256 and the parent's fingerprint; nothing is unpickled.
+A store is written into a temporary folder beside its destination and swapped into place (cnnmod.outputs).
+Loading checks the manifest against its schema (cnnmod.manifest), every file's sha256, the parent's fingerprint,
+and that every module file names that fingerprint; nothing is unpickled.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +22,7 @@ import torch
 from . import __version__
 from .activity import Activity
 from .compose import ComposedClassifier, Reverifier, compose, with_reverifiers
-from .errors import StoreError
+from .errors import CnnmodError, StoreError
 from .fileio import (
     atomic_save_safetensors,
     atomic_write_text,
@@ -37,11 +33,15 @@ from .fileio import (
 )
 from .graphio import load_graph, save_graph
 from .inputs import InputSpec
+from .manifest import COMPOSITION_SCHEMA, STORE_SCHEMA, unique, validate
 from .modules import ModuleSet, Parent
+from .outputs import folder_with_format, recover_interrupted, register_kind, write_folder
 from .trace import Site, trace_model
 
 FORMAT = "cnnmod.store"
-VERSION = 1
+VERSION = 2
+MAX_MANIFEST_BYTES = 64 << 20
+PARENT_FINGERPRINT_KEY = "cnnmod.parent_fingerprint"
 
 
 @dataclass(frozen=True)
@@ -56,42 +56,24 @@ class Store:
 
 def save_store(path: Path | str, modules: ModuleSet, activity: Activity | None = None,
                provenance: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
-    """Write a store folder atomically; an existing folder is replaced only with `overwrite`."""
+    """Write a store folder atomically; with `overwrite`, an existing store (and nothing else) is replaced."""
     path = Path(path)
-    with _atomic_folder(path, overwrite) as tmp:
+    with write_folder(path, "store", overwrite) as tmp:
         _write(tmp, modules, activity, provenance or {})
     return path
 
 
-@contextmanager
-def _atomic_folder(path: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary folder beside `path` to fill; renamed into place when the block succeeds, else removed."""
-    if path.exists() and not overwrite:
-        raise StoreError(f"{path} exists; choose another --out or pass --overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+def _json(value: Any, file: str) -> str:
     try:
-        yield tmp
-        _swap_into_place(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _swap_into_place(tmp: Path, path: Path) -> None:
-    """Rename a finished folder into place; an existing one is moved aside first and removed after."""
-    if path.exists():
-        old = path.with_name(f".{path.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
+        return json.dumps(value, indent=2, allow_nan=False)
+    except ValueError as e:
+        raise StoreError(f"cannot write {file}: a value is not finite ({e}); check the options given") from None
 
 
 def _write(folder: Path, modules: ModuleSet, activity: Activity | None, provenance: dict[str, Any]) -> None:
     parent = modules.parent
     parent_sha = save_graph(parent.model.graph, folder / "parent.safetensors")
+    fingerprint = parent.fingerprint()
     (folder / "modules").mkdir()
     entries = []
     jaccard = modules.jaccard().tolist()
@@ -100,7 +82,7 @@ def _write(folder: Path, modules: ModuleSet, activity: Activity | None, provenan
         tensors["head.weight"] = modules.head_weight[i].contiguous()
         tensors["head.bias"] = modules.head_bias[i].contiguous()
         name = f"modules/{i:04d}.safetensors"
-        sha = atomic_save_safetensors(folder / name, tensors)
+        sha = atomic_save_safetensors(folder / name, tensors, {PARENT_FINGERPRINT_KEY: fingerprint})
         entries.append({"class": parent.classes[cls], "class_index": cls, "file": name, "sha256": sha,
                         "jaccard": jaccard[i]})
     activity_entry = None
@@ -118,7 +100,7 @@ def _write(folder: Path, modules: ModuleSet, activity: Activity | None, provenan
             "arch": parent.arch,
             "file": "parent.safetensors",
             "sha256": parent_sha,
-            "fingerprint": parent.fingerprint(),
+            "fingerprint": fingerprint,
             "classes": list(parent.classes),
             "input_spec": parent.input_spec.to_json(),
         },
@@ -128,74 +110,140 @@ def _write(folder: Path, modules: ModuleSet, activity: Activity | None, provenan
         "activity": activity_entry,
         "provenance": provenance,
     }
-    atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=2))
+    atomic_write_text(folder / "manifest.json", _json(manifest, str(folder / "manifest.json")))
+
+
+def _read_json(file: Path, what: str) -> Any:
+    if not file.is_file():
+        raise StoreError(f"{file.parent} is not a cnnmod {what} (no manifest.json)")
+    try:
+        with open(file, "rb") as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as e:
+        raise StoreError(f"cannot read {file}: {e.strerror or e}") from None
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise StoreError(f"{file} is over {MAX_MANIFEST_BYTES >> 20} MiB: not a cnnmod manifest")
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise StoreError(f"{file} is not valid JSON ({str(e).splitlines()[0][:100]}); the {what} is damaged") \
+            from None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed in strict JSON")
 
 
 def read_manifest(path: Path | str) -> dict[str, Any]:
+    """The manifest of a store folder, checked against its schema and with itself (see cnnmod.manifest)."""
     path = Path(path)
     file = path / "manifest.json"
-    if not file.is_file():
-        raise StoreError(f"{path} is not a cnnmod store (no manifest.json)")
-    try:
-        manifest = json.loads(file.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise StoreError(f"{file} is not valid JSON ({e}); the store is damaged") from None
+    manifest = _read_json(file, "store")
+    if isinstance(manifest, dict) and manifest.get("format") == FORMAT and manifest.get("version") != VERSION:
+        raise StoreError(f"{path} is store version {manifest.get('version')!r}; this cnnmod reads version {VERSION}: "
+                         "decompose the model again")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise StoreError(f"{file} is not a cnnmod store manifest")
-    if manifest.get("version") != VERSION:
-        raise StoreError(f"{path} is store version {manifest.get('version')}; this cnnmod reads version {VERSION}")
+    validate(manifest, STORE_SCHEMA, str(file))
+    classes = manifest["parent"]["classes"]
+    unique(classes, "parent.classes entry", str(file))
+    indices = [m["class_index"] for m in manifest["modules"]]
+    unique(indices, "modules[].class_index", str(file))
+    for i, entry in enumerate(manifest["modules"]):
+        if entry["class_index"] >= len(classes):
+            raise StoreError(f"{file}: modules[{i}].class_index {entry['class_index']} is out of range for "
+                             f"{len(classes)} classes; the file was edited or damaged")
+        if entry["class"] != classes[entry["class_index"]]:
+            raise StoreError(f"{file}: modules[{i}].class {entry['class']!r} is not class "
+                             f"{entry['class_index']} of the parent; the file was edited or damaged")
+    unique([m["file"] for m in manifest["modules"]], "modules[].file", str(file))
+    unique([s["name"] for s in manifest["sites"]], "sites[].name", str(file))
+    if len({s["kind"] for s in manifest["sites"]}) != 1:
+        raise StoreError(f"{file}: sites mix kinds; the file was edited or damaged")
     return manifest
 
 
 def load_parent(path: Path | str, manifest: dict[str, Any] | None = None) -> Parent:
     path = Path(path)
     manifest = manifest or read_manifest(path)
+    info = manifest["parent"]
+    graph = load_graph(path / info["file"], info["sha256"])
+    spec = InputSpec.from_json(info["input_spec"])
     try:
-        info = manifest["parent"]
-        graph = load_graph(path / info["file"], info["sha256"])
-        spec = InputSpec.from_json(info["input_spec"])
-        parent = Parent(trace_model(graph, (spec.channels, *spec.size)), tuple(info["classes"]), spec, info["arch"])
-        expected = info["fingerprint"]
-    except (KeyError, TypeError, ValueError) as e:
-        raise StoreError(f"{path}/manifest.json lacks or garbles a parent field ({e})") from None
-    if parent.fingerprint() != expected:
+        traced = trace_model(graph, (spec.channels, *spec.size))
+    except CnnmodError as e:
+        raise StoreError(f"{path}: the stored parent cannot be rebuilt ({e})") from None
+    if traced.head.num_classes != len(info["classes"]):
+        raise StoreError(f"{path}/manifest.json: parent.classes lists {len(info['classes'])} classes but the "
+                         f"parent has {traced.head.num_classes} outputs; the file was edited or damaged")
+    parent = Parent(traced, tuple(info["classes"]), spec, info["arch"])
+    if parent.fingerprint() != info["fingerprint"]:
         raise StoreError(f"{path}: the parent does not match its fingerprint; the store is damaged")
     return parent
 
 
+def _module_tensors(path: Path, entry: dict[str, Any], fingerprint: str) -> dict[str, torch.Tensor]:
+    tensors, metadata = load_safetensors(path / entry["file"], entry["sha256"])
+    if metadata.get(PARENT_FINGERPRINT_KEY) != fingerprint:
+        raise StoreError(f"{path / entry['file']} was made from another parent than {path}/parent.safetensors "
+                         "(fingerprints differ): modules only work with the parent they were made from")
+    return tensors
+
+
 def load_store(path: Path | str, with_activity: bool = True) -> Store:
-    """Load and check a store folder."""
+    """Load and check a store folder: schema, hashes, and every module bound to this parent."""
     path = Path(path)
+    recover_interrupted(path)
     manifest = read_manifest(path)
     parent = load_parent(path, manifest)
-    try:
-        sites = tuple(Site(s["name"], s["kind"], tuple(s["shape"])) for s in manifest["sites"])
-        known = {s.name: s for s in parent.model.site_list(sites[0].kind)} if sites else {}
-        if any(known.get(s.name) != s for s in sites):
-            raise StoreError(f"{path}: the manifest's sites do not match the parent's graph")
-        masks: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
-        weights, biases, indices = [], [], []
-        for entry in manifest["modules"]:
-            tensors, _ = load_safetensors(path / entry["file"], entry["sha256"])
-            for s in sites:
-                masks[s.name].append(unpack_bits(tensors[f"mask.{s.name}"], s.shape))
-            weights.append(tensors["head.weight"])
-            biases.append(tensors["head.bias"])
-            indices.append(int(entry["class_index"]))
-        activity = None
-        if with_activity and manifest.get("activity"):
-            entry = manifest["activity"]
-            tensors, _ = load_safetensors(path / entry["file"], entry["sha256"])
-            activity = Activity(sites, {s.name: tensors[f"counts.{s.name}"] for s in sites},
-                                tensors["group_sizes"], tuple(int(c) for c in tensors["chosen"].tolist()))
-    except (KeyError, TypeError, ValueError, IndexError) as e:
-        raise StoreError(f"{path}: manifest and files disagree ({type(e).__name__}: {e}); the store is damaged") \
-            from None
-    if not weights:
-        raise StoreError(f"{path} holds no modules")
+    file = f"{path}/manifest.json"
+    sites = tuple(Site(s["name"], s["kind"], tuple(s["shape"])) for s in manifest["sites"])
+    if sites != parent.model.site_list(sites[0].kind):
+        raise StoreError(f"{file}: sites do not match the parent's {sites[0].kind} sites; the file was edited "
+                         "or damaged")
+    features = parent.model.head.weight.shape[1]
+    fingerprint = manifest["parent"]["fingerprint"]
+    masks: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
+    weights, biases, indices = [], [], []
+    for entry in manifest["modules"]:
+        tensors = _module_tensors(path, entry, fingerprint)
+        where = path / entry["file"]
+        for s in sites:
+            masks[s.name].append(unpack_bits(_tensor(tensors, f"mask.{s.name}", where), s.shape))
+        weight, bias = _tensor(tensors, "head.weight", where), _tensor(tensors, "head.bias", where)
+        if weight.shape != (2, features) or bias.shape != (2,) or not weight.is_floating_point() \
+                or not bias.is_floating_point():
+            raise StoreError(f"{where}: the head has shape {list(weight.shape)} and {list(bias.shape)}, not "
+                             f"[2, {features}] and [2]; the store is damaged")
+        weights.append(weight.float())
+        biases.append(bias.float())
+        indices.append(int(entry["class_index"]))
+    activity = None
+    if with_activity and manifest.get("activity"):
+        activity = _load_activity(path, manifest["activity"], sites, len(parent.classes))
     modules = ModuleSet(parent, tuple(indices), sites, {k: torch.stack(v) for k, v in masks.items()},
-                        torch.stack(weights), torch.stack(biases), dict(manifest.get("config", {})))
-    return Store(path, modules, activity, dict(manifest.get("provenance", {})))
+                        torch.stack(weights), torch.stack(biases), dict(manifest["config"]))
+    return Store(path, modules, activity, dict(manifest["provenance"]))
+
+
+def _tensor(tensors: dict[str, torch.Tensor], name: str, where: Path) -> torch.Tensor:
+    if name not in tensors:
+        raise StoreError(f"{where} has no tensor {name!r}; the store is damaged")
+    return tensors[name]
+
+
+def _load_activity(path: Path, entry: dict[str, Any], sites: tuple[Site, ...], num_classes: int) -> Activity:
+    where = path / entry["file"]
+    tensors, _ = load_safetensors(where, entry["sha256"])
+    counts = {s.name: _tensor(tensors, f"counts.{s.name}", where) for s in sites}
+    group_sizes = _tensor(tensors, "group_sizes", where)
+    chosen = _tensor(tensors, "chosen", where)
+    groups = group_sizes.shape[0] if group_sizes.dim() == 1 else -1
+    if groups != 2 * num_classes or chosen.dim() != 1 \
+            or any(tuple(counts[s.name].shape) != (groups, *s.shape) for s in sites) \
+            or (chosen.numel() and (int(chosen.min()) < 0 or int(chosen.max()) >= num_classes)):
+        raise StoreError(f"{where}: activity counts do not fit the store's sites and classes; the store is damaged")
+    return Activity(sites, counts, group_sizes, tuple(int(c) for c in chosen.tolist()))
 
 
 def store_files(path: Path | str) -> dict[str, str]:
@@ -208,9 +256,10 @@ COMPOSITION_FORMAT = "cnnmod.composition"
 
 
 def save_composition(path: Path | str, composed: ComposedClassifier, overwrite: bool = False) -> Path:
-    """A composed classifier as a folder: one store per parent group (its modules only) and the labels."""
+    """A composed classifier as a folder: one store per parent group (its modules only) and the labels. With
+    `overwrite`, an existing composition (and nothing else) is replaced."""
     path = Path(path)
-    with _atomic_folder(path, overwrite) as tmp:
+    with write_folder(path, "composition", overwrite) as tmp:
         groups, offset = [], 0
         for i, group in enumerate(composed.groups):
             _write_group(tmp / f"group{i}", group)
@@ -222,7 +271,7 @@ def save_composition(path: Path | str, composed: ComposedClassifier, overwrite: 
             reverifiers.append({"store": f"reverify{i}", "labels": list(rv.labels)})
         manifest = {"format": COMPOSITION_FORMAT, "version": VERSION, "cnnmod_version": __version__,
                     "scoring": composed.scoring, "groups": groups, "reverifiers": reverifiers}
-        atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2))
+        atomic_write_text(tmp / "manifest.json", _json(manifest, str(path / "manifest.json")))
     return path
 
 
@@ -231,23 +280,49 @@ def _write_group(folder: Path, modules: ModuleSet) -> None:
     _write(folder, modules, None, {})
 
 
+def _member(path: Path, name: str) -> Path:
+    """A store folder named by a composition manifest: a direct child of `path`, never a link out of it."""
+    member = path / name
+    if "/" in name or member.is_symlink() or not member.is_dir():
+        raise StoreError(f"{path}/manifest.json names {name!r}, which is not a store folder inside {path}")
+    return member
+
+
 def load_composition(path: Path | str) -> ComposedClassifier:
     """Load a folder written by `save_composition`, or a plain store (all its modules, labelled by class)."""
     path = Path(path)
+    recover_interrupted(path)
     file = path / "manifest.json"
-    try:
-        manifest = json.loads(file.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
-        manifest = None
+    manifest = _read_json(file, "store or composition")
     if not isinstance(manifest, dict) or manifest.get("format") != COMPOSITION_FORMAT:
         return compose([load_store(path, with_activity=False).modules])
+    if manifest.get("version") != VERSION:
+        raise StoreError(f"{path} is composition version {manifest.get('version')!r}; this cnnmod reads version "
+                         f"{VERSION}: compose it again")
+    validate(manifest, COMPOSITION_SCHEMA, str(file))
+    unique([e["store"] for e in [*manifest["groups"], *manifest["reverifiers"]]], "store", str(file))
+    groups, labels = [], []
+    for i, entry in enumerate(manifest["groups"]):
+        modules = load_store(_member(path, entry["store"]), with_activity=False).modules
+        if len(entry["labels"]) != len(modules):
+            raise StoreError(f"{file}: groups[{i}] lists {len(entry['labels'])} labels for {len(modules)} modules; "
+                             "the file was edited or damaged")
+        groups.append(modules)
+        labels.extend(entry["labels"])
+    unique(labels, "label", str(file))
+    reverifiers = []
+    for i, rv in enumerate(manifest["reverifiers"]):
+        modules = load_store(_member(path, rv["store"]), with_activity=False).modules
+        unknown = [label for label in rv["labels"] if label not in labels]
+        if unknown or len(rv["labels"]) != len(modules) or len(set(rv["labels"])) != len(rv["labels"]):
+            raise StoreError(f"{file}: reverifiers[{i}] labels {rv['labels']} do not match the composition's labels "
+                             f"or its {len(modules)} modules; the file was edited or damaged")
+        reverifiers.append(Reverifier(tuple(rv["labels"]), modules))
     try:
-        groups, labels = [], []
-        for entry in manifest["groups"]:
-            groups.append(load_store(path / entry["store"], with_activity=False).modules)
-            labels.extend(entry["labels"])
-        reverifiers = [Reverifier(tuple(rv["labels"]), load_store(path / rv["store"], with_activity=False).modules)
-                       for rv in manifest.get("reverifiers", [])]
         return with_reverifiers(compose(groups, labels, manifest["scoring"]), reverifiers)
-    except (KeyError, TypeError) as e:
-        raise StoreError(f"{file} lacks or garbles a field ({e}); the composition is damaged") from None
+    except CnnmodError as e:
+        raise StoreError(f"{file}: {e}; the file was edited or damaged") from None
+
+
+register_kind("store", folder=True, recognise=folder_with_format(FORMAT))
+register_kind("composition", folder=True, recognise=folder_with_format(COMPOSITION_FORMAT))

@@ -16,6 +16,7 @@ from .errors import CnnmodError
 from .evaluate import relabel
 from .metrics import parameter_counts, topk_accuracy
 from .modules import score_from_logits
+from .progress import show_progress
 from .store import load_store
 
 
@@ -42,7 +43,7 @@ def sweep(store_path: Path, data: ImageSet, rhos: Sequence[float], granularities
     parent_top1 = topk_accuracy(parent.logits(images, batch_size, device)[:, columns], targets, 1)
     rows = []
     combos = [(g, r) for g in granularities for r in rhos]
-    for granularity, rho in tqdm(combos, desc="trade-off", disable=not progress):
+    for granularity, rho in tqdm(combos, desc="trade-off", disable=not show_progress(progress)):
         config = base.replace(rho=rho, granularity=granularity)
         modules = derive_modules(parent, store.activity, config)
         scores = score_from_logits(modules.logits(images, batch_size, device), scoring)

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from cnnmod.errors import DataError, ModelError
 from cnnmod.inputs import InputSpec
 from cnnmod.modules import Parent
+from cnnmod.progress import show_progress
 from cnnmod.zoo import create_model
 
 
@@ -196,7 +197,7 @@ def train_model(
             loss_sum, correct, seen = 0.0, 0, 0
             order = train_idx[shuffle.permutation(len(train_idx))]
             bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{epochs}", file=sys.stderr,
-                       disable=not progress, leave=False, dynamic_ncols=True)
+                       disable=not show_progress(progress), leave=False, dynamic_ncols=True)
             try:
                 for idx in _batches(order, batch_size):
                     if len(idx) < 2:  # BatchNorm cannot train on a single image

@@ -14,6 +14,7 @@ from .compose import SCORINGS
 from .decompose import VARIANTS, DecomposeConfig, derive_modules, observe
 from .metrics import topk_accuracy
 from .modules import ModuleSet, Parent, score_from_logits
+from .progress import show_progress
 from .trace import SITE_KINDS
 
 
@@ -43,7 +44,7 @@ def compare_variants(
         start = time.perf_counter()
         activity = observe(parent, *train, base.replace(sites=kind), None, batch_size, device, progress)
         observe_seconds = time.perf_counter() - start
-        for variant in tqdm(variants, desc=f"{kind} variants", disable=not progress, leave=False):
+        for variant in tqdm(variants, desc=f"{kind} variants", disable=not show_progress(progress), leave=False):
             config = base.replace(sites=kind, variant=variant)
             modules = derive_modules(parent, activity, config)
             key = _digest(modules)

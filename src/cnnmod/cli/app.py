@@ -3,29 +3,77 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from collections.abc import Callable
 from functools import wraps
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..energy import EnergyReport
 from ..errors import CnnmodError
+
+if TYPE_CHECKING:
+    from ..energy import EnergyReport
+
+EXIT_USER_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+_QUIET_HELP = ("No progress bars or progress messages on stderr (results, warnings and errors still print); "
+               "bars are only drawn when stderr is a terminal anyway.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="cnnmod")
-def cli() -> None:
+@click.option("--quiet", "-q", is_flag=True, help=_QUIET_HELP)
+def cli(quiet: bool) -> None:
     """Decompose a trained CNN classifier into one module per class, and build classifiers from modules."""
+    from ..progress import set_quiet
+
+    set_quiet(quiet)  # every invocation sets it, so one in-process run does not leak into the next
+
+
+def _quiet(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        from ..progress import set_quiet
+
+        set_quiet(True)
 
 
 def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--json, and --quiet (also accepted after the command name)."""
+    f = click.option("--quiet", "-q", is_flag=True, expose_value=False, callback=_quiet, help=_QUIET_HELP)(f)
     return click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of text.")(f)
 
 
+def _check_device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    import torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise click.BadParameter(f"{value!r} is not a torch device (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise click.BadParameter("CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise click.BadParameter(f"this machine has {torch.cuda.device_count()} CUDA device(s); "
+                                     f"{value} does not exist")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise click.BadParameter("MPS is not available on this machine; use --device cpu")
+    elif device.type != "cpu":
+        raise click.BadParameter(f"cnnmod runs on cpu, cuda or mps, not {device.type}")
+    return value
+
+
 def device_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--device", default=None, help="torch device (default: cuda when present, else cpu).")(f)
+    return click.option("--device", default=None, callback=_check_device,
+                        help="torch device (default: cuda when present, else cpu).")(f)
 
 
 def reports_errors(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -36,13 +84,20 @@ def reports_errors(f: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return f(*args, **kwargs)
         except CnnmodError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+            _fail(str(e), EXIT_USER_ERROR)
+        except OSError as e:  # a file the user named, or the disk, refused: not a bug in cnnmod
+            where = f"{e.filename}: " if e.filename else ""
+            _fail(f"{where}{e.strerror or e}", EXIT_USER_ERROR)
+        except MemoryError:
+            _fail("out of memory: use fewer images, classes or a smaller --batch-size", EXIT_USER_ERROR)
 
     return wrapper
+
+
+def _fail(message: str, code: int) -> None:
+    text = " ".join(message.split())  # one line, whatever the message held
+    click.echo(f"error: {text}", err=True)
+    sys.exit(code)
 
 
 def emit(as_json: bool, payload: dict[str, Any], text: str, energy: EnergyReport | None = None) -> None:
@@ -59,10 +114,45 @@ def emit(as_json: bool, payload: dict[str, Any], text: str, energy: EnergyReport
 def split_classes(value: str | None) -> list[str] | None:
     if not value:
         return None
-    return [c.strip() for c in value.split(",") if c.strip()]
+    names = [c.strip() for c in value.split(",") if c.strip()]
+    if not names:
+        raise CnnmodError(f"no class names in {value!r}: write them comma-separated, e.g. cat,dog")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise CnnmodError(f"class {twice[0]!r} is named twice in {value!r}")
+    return names
+
+
+def _interrupted(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def main() -> None:
+    """The console script: every user error is one line on stderr and an exit status (see the README)."""
+    signal.signal(signal.SIGINT, _interrupted)
+    try:
+        code = _run()
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        click.echo("interrupted", err=True)
+        code = EXIT_INTERRUPTED
+    except click.UsageError as e:
+        if e.ctx is not None and type(e).__name__ == "NoArgsIsHelpError":
+            click.echo(e.ctx.get_help())
+            sys.exit(0)
+        hint = f" (see 'cnnmod {e.ctx.info_name} --help')" if e.ctx is not None and e.ctx.parent else \
+            " (see 'cnnmod --help')"
+        click.echo(f"error: {' '.join(e.format_message().split())}{hint}", err=True)
+        code = EXIT_USAGE
+    except click.ClickException as e:
+        click.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+        code = e.exit_code
+    except BrokenPipeError:  # output piped into a command that stopped reading (head, less)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_USER_ERROR
+    sys.exit(code)
+
+
+def _run() -> int:
     from . import (  # noqa: F401  (registers the commands)
         compose,
         decompose,
@@ -70,11 +160,20 @@ def main() -> None:
         edit,
         evaluate,
         experiment,
+        export,
+        import_,
         inspect,
+        predict,
         reuse,
         tradeoff,
         train,
         variants,
     )
 
-    cli(prog_name="cnnmod")
+    try:
+        cli.main(prog_name="cnnmod", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else EXIT_USER_ERROR
+    return 0

@@ -11,6 +11,7 @@ from ..compose import compose as run_compose
 from ..energy import EnergyMeter
 from ..errors import CnnmodError
 from ..modules import ModuleSet
+from ..outputs import check_output
 from ..store import load_store, save_composition
 from .app import cli, emit, json_option, reports_errors
 
@@ -19,7 +20,7 @@ from .app import cli, emit, json_option, reports_errors
 @click.argument("sources", nargs=-1, required=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Composition folder to write.")
 @click.option("--scoring", type=click.Choice(SCORINGS), default="softmax", show_default=True)
-@click.option("--overwrite", is_flag=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing composition (nothing else).")
 @json_option
 @reports_errors
 def compose(sources: tuple[str, ...], out: Path, scoring: str, overwrite: bool, as_json: bool) -> None:
@@ -27,6 +28,7 @@ def compose(sources: tuple[str, ...], out: Path, scoring: str, overwrite: bool, 
 
     Labels default to class names and must be unique: rename with `class=label`.
     """
+    check_output(out, "composition", overwrite)
     groups: list[ModuleSet] = []
     labels: list[str] = []
     with EnergyMeter() as meter:

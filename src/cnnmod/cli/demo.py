@@ -15,10 +15,12 @@ from ..energy import EnergyMeter
 from ..evaluate import evaluate as run_evaluate
 from ..evaluate import overlap_matrix
 from ..modules import Parent
+from ..outputs import check_output, write_report_folder
 from ..store import save_store
 from ..zoo import load_model_file
 from .app import cli, device_option, emit, json_option, reports_errors
 from .evaluate import format_evaluation, write_evaluation_report
+from .params import COUNT
 
 MODEL = "smallcnn-fmnist.safetensors"
 SAMPLE = "fmnist-sample.npz"
@@ -27,12 +29,17 @@ SAMPLE = "fmnist-sample.npz"
 @cli.command()
 @click.option("--out", "out_dir", default="cnnmod-demo", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="Folder for the store and the report.")
-@click.option("--samples-per-class", default=200, show_default=True)
+@click.option("--samples-per-class", type=COUNT, default=200, show_default=True)
 @device_option
 @json_option
 @reports_errors
 def demo(out_dir: Path, samples_per_class: int, device: str | None, as_json: bool) -> None:
-    """Decompose the embedded Fashion-MNIST CNN, compose its modules, and compare them with it."""
+    """Decompose the embedded Fashion-MNIST CNN, compose its modules, and compare them with it.
+
+    Writes OUT/store and OUT/report; a previous demo's store and report there are replaced, anything else is
+    left alone (and refused)."""
+    check_output(out_dir / "store", "store", overwrite=True)
+    check_output(out_dir / "report", "report", overwrite=True)
     assets = resources.files("cnnmod") / "assets"
     with resources.as_file(assets / MODEL) as model_path, resources.as_file(assets / SAMPLE) as sample_path:
         model, info = load_model_file(model_path)
@@ -50,8 +57,9 @@ def demo(out_dir: Path, samples_per_class: int, device: str | None, as_json: boo
                                                                "data": f"cnnmod/assets/{SAMPLE}",
                                                                "seconds": seconds}, overwrite=True)
     result = run_evaluate(modules, data.test.images, data.test.labels, device=device, progress=not as_json)
-    report = write_evaluation_report(out_dir, "embedded Fashion-MNIST CNN", result,
-                                     overlap_matrix(modules).numpy())
+    with write_report_folder(out_dir / "report", True, "demo") as tmp:
+        write_evaluation_report(tmp, "embedded Fashion-MNIST CNN", result, overlap_matrix(modules).numpy())
+    report = out_dir / "report" / "report.md"
     payload = {**result.to_json(), "store": str(store), "report": str(report), "decompose_seconds": seconds,
                "energy_steps": {k: v.to_json() for k, v in meter.steps.items()}}
     emit(as_json, payload,

@@ -3,6 +3,7 @@ composition's modules."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,19 +15,26 @@ from ..compose import replace as replace_module
 from ..energy import EnergyMeter, EnergyReport
 from ..errors import CnnmodError
 from ..evaluate import evaluate_composed
+from ..outputs import check_output
 from ..store import load_composition, load_store, save_composition
 from .app import cli, device_option, emit, json_option, reports_errors, split_classes
 from .common import open_dataset
+from .params import COUNT, SEED
 
 composition_argument = click.argument("composition", type=click.Path(exists=True, file_okay=False, path_type=Path))
-out_option = click.option("--out", required=True, type=click.Path(path_type=Path), help="Composition folder to write.")
+
+
+def out_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--overwrite", is_flag=True, help="Replace an existing composition at --out (nothing else).")(f)
+    return click.option("--out", required=True, type=click.Path(path_type=Path), help="Composition folder to write.")(f)
 data_option = click.option("--data", "data_path", type=click.Path(exists=True, path_type=Path), default=None,
                            help="Report accuracy before and after on this dataset's test split.")
 
 
-samples_option = click.option("--samples", default=100, show_default=True,
+samples_option = click.option("--samples", type=COUNT, default=100, show_default=True,
                               help="Calibration images per label, drawn from the training split.")
-seed_option = click.option("--seed", default=0, show_default=True, help="Seed for drawing calibration images.")
+seed_option = click.option("--seed", type=SEED, default=0, show_default=True,
+                           help="Seed for drawing calibration images.")
 
 
 def _calibrated(composed: ComposedClassifier, data_paths: tuple[Path, ...], labels: list[str] | None, samples: int,
@@ -51,10 +59,11 @@ def _calibration_text(result: Calibration) -> str:
             f"{result.loss_after:.4f}")
 
 
-def _finish(before: ComposedClassifier, after: ComposedClassifier, out: Path, data_path: Path | None,
+def _finish(before: ComposedClassifier, after: ComposedClassifier, out: Path, overwrite: bool,
+            data_path: Path | None,
             pair: list[str], energy: EnergyReport, device: str | None, as_json: bool, what: str,
             calibration: Calibration | None = None) -> None:
-    save_composition(out, after, overwrite=True)
+    save_composition(out, after, overwrite)
     payload: dict[str, Any] = {"composition": str(out), "labels": list(after.labels)}
     text = [f"wrote {out}: {what}; labels {', '.join(after.labels)}"]
     if calibration is not None:
@@ -94,9 +103,10 @@ def _finish(before: ComposedClassifier, after: ComposedClassifier, out: Path, da
 @json_option
 @reports_errors
 def replace(composition: Path, label: str, source: str, new_label: str | None, calibrated: bool,
-            calibration_data: tuple[Path, ...], samples: int, seed: int, out: Path, data_path: Path | None,
-            device: str | None, as_json: bool) -> None:
+            calibration_data: tuple[Path, ...], samples: int, seed: int, out: Path, overwrite: bool,
+            data_path: Path | None, device: str | None, as_json: bool) -> None:
     """Swap the module voting for LABEL for SOURCE (`STORE:class`), from any parent or dataset."""
+    check_output(out, "composition", overwrite)
     store, sep, cls = source.partition(":")
     if not sep:
         raise CnnmodError(f"SOURCE is STORE:class, got {source!r}")
@@ -109,8 +119,8 @@ def replace(composition: Path, label: str, source: str, new_label: str | None, c
         if calibrated:
             calibration = _calibrated(after, calibration_data, [new_label or label], samples, seed, device, as_json)
             after = calibration.composed
-    _finish(before, after, out, data_path, [], meter.report, device, as_json, f"{label} replaced by {source}",
-            calibration)
+    _finish(before, after, out, overwrite, data_path, [], meter.report, device, as_json,
+            f"{label} replaced by {source}", calibration)
 
 
 @cli.command("calibrate")
@@ -127,13 +137,15 @@ def replace(composition: Path, label: str, source: str, new_label: str | None, c
 @json_option
 @reports_errors
 def calibrate_command(composition: Path, calibration_data: tuple[Path, ...], labels: str | None, samples: int,
-                      seed: int, out: Path, data_path: Path | None, device: str | None, as_json: bool) -> None:
+                      seed: int, out: Path, overwrite: bool, data_path: Path | None, device: str | None,
+                      as_json: bool) -> None:
     """Put modules from different parents on one score scale: fit a scale and an offset of each chosen module's
     margin so the vote is right on a few labelled images (heads change; masks and bodies do not)."""
+    check_output(out, "composition", overwrite)
     with EnergyMeter() as meter:
         before = load_composition(composition)
         calibration = _calibrated(before, calibration_data, split_classes(labels), samples, seed, device, as_json)
-    _finish(before, calibration.composed, out, data_path, [], meter.report, device, as_json,
+    _finish(before, calibration.composed, out, overwrite, data_path, [], meter.report, device, as_json,
             f"{', '.join(calibration.fitted)} calibrated", calibration)
 
 
@@ -145,13 +157,14 @@ def calibrate_command(composition: Path, calibration_data: tuple[Path, ...], lab
 @device_option
 @json_option
 @reports_errors
-def remove(composition: Path, label: str, out: Path, data_path: Path | None, device: str | None,
+def remove(composition: Path, label: str, out: Path, overwrite: bool, data_path: Path | None, device: str | None,
            as_json: bool) -> None:
     """Drop the module voting for LABEL."""
+    check_output(out, "composition", overwrite)
     with EnergyMeter() as meter:
         before = load_composition(composition)
         after = removed(before, label)
-    _finish(before, after, out, data_path, [], meter.report, device, as_json, f"{label} removed")
+    _finish(before, after, out, overwrite, data_path, [], meter.report, device, as_json, f"{label} removed")
 
 
 @cli.group()
@@ -179,16 +192,17 @@ pair_option = click.option("--pair", required=True, help="The two labels the cla
 @device_option
 @json_option
 @reports_errors
-def repair_replace(composition: Path, pair: str, better: Path, out: Path, data_path: Path | None,
+def repair_replace(composition: Path, pair: str, better: Path, out: Path, overwrite: bool, data_path: Path | None,
                    device: str | None, as_json: bool) -> None:
     """Option 1: replace both modules with a better parent's."""
+    check_output(out, "composition", overwrite)
     from ..repair import replace_from
 
     labels = _pair(pair)
     with EnergyMeter() as meter:
         before = load_composition(composition)
         after = replace_from(before, labels, load_store(better, with_activity=False).modules)
-    _finish(before, after, out, data_path, labels, meter.report, device, as_json, f"{pair} from {better}")
+    _finish(before, after, out, overwrite, data_path, labels, meter.report, device, as_json, f"{pair} from {better}")
 
 
 @repair.command("retrain")
@@ -197,8 +211,8 @@ def repair_replace(composition: Path, pair: str, better: Path, out: Path, data_p
 @click.option("--train-data", required=True, type=click.Path(exists=True, path_type=Path),
               help="Dataset whose training split holds both classes.")
 @click.option("--arch", default="resnet20", show_default=True)
-@click.option("--epochs", default=10, show_default=True)
-@click.option("--samples-per-class", default=1000, show_default=True)
+@click.option("--epochs", type=COUNT, default=10, show_default=True)
+@click.option("--samples-per-class", type=COUNT, default=1000, show_default=True)
 @click.option("--pair-store", type=click.Path(path_type=Path), default=None,
               help="Also keep the pair model's store here (for `repair reverify`).")
 @out_option
@@ -207,13 +221,16 @@ def repair_replace(composition: Path, pair: str, better: Path, out: Path, data_p
 @json_option
 @reports_errors
 def repair_retrain(composition: Path, pair: str, train_data: Path, arch: str, epochs: int, samples_per_class: int,
-                   pair_store: Path | None, out: Path, data_path: Path | None, device: str | None,
+                   pair_store: Path | None, out: Path, overwrite: bool, data_path: Path | None, device: str | None,
                    as_json: bool) -> None:
     """Option 2: train a small model on the pair, decompose it, replace both modules with its modules."""
+    check_output(out, "composition", overwrite)
     from ..decompose import DecomposeConfig
     from ..repair import pair_modules, replace_from, train_pair_model
     from ..store import save_store
 
+    if pair_store is not None:
+        check_output(pair_store, "store", overwrite)
     labels = _pair(pair)
     before = load_composition(composition)
     spec = next(g.parent.input_spec for g in before.groups if set(labels) & set(g.class_names))
@@ -224,8 +241,8 @@ def repair_retrain(composition: Path, pair: str, train_data: Path, arch: str, ep
                                not as_json)
         after = replace_from(before, labels, modules)
     if pair_store is not None:
-        save_store(pair_store, modules, overwrite=True)
-    _finish(before, after, out, data_path, labels, meter.report, device, as_json,
+        save_store(pair_store, modules, overwrite=overwrite)
+    _finish(before, after, out, overwrite, data_path, labels, meter.report, device, as_json,
             f"{pair} from a {arch} trained on the pair")
 
 
@@ -237,13 +254,14 @@ def repair_retrain(composition: Path, pair: str, train_data: Path, arch: str, ep
 @device_option
 @json_option
 @reports_errors
-def repair_remove(composition: Path, label: str, out: Path, data_path: Path | None, device: str | None,
+def repair_remove(composition: Path, label: str, out: Path, overwrite: bool, data_path: Path | None, device: str | None,
                   as_json: bool) -> None:
     """Option 3: remove the faulty module."""
+    check_output(out, "composition", overwrite)
     with EnergyMeter() as meter:
         before = load_composition(composition)
         after = removed(before, label)
-    _finish(before, after, out, data_path, [label], meter.report, device, as_json, f"{label} removed")
+    _finish(before, after, out, overwrite, data_path, [label], meter.report, device, as_json, f"{label} removed")
 
 
 @repair.command("reverify")
@@ -256,11 +274,12 @@ def repair_remove(composition: Path, label: str, out: Path, data_path: Path | No
 @device_option
 @json_option
 @reports_errors
-def repair_reverify(composition: Path, pair: str, pair_store: Path, out: Path, data_path: Path | None,
+def repair_reverify(composition: Path, pair: str, pair_store: Path, out: Path, overwrite: bool, data_path: Path | None,
                     device: str | None, as_json: bool) -> None:
     """Option 4: keep the classifier, re-decide its predictions of the pair with the pair model's modules."""
+    check_output(out, "composition", overwrite)
     labels = _pair(pair)
     with EnergyMeter() as meter:
         before = load_composition(composition)
         after = reverified(before, labels, load_store(pair_store, with_activity=False).modules.select(labels))
-    _finish(before, after, out, data_path, labels, meter.report, device, as_json, f"{pair} re-verified")
+    _finish(before, after, out, overwrite, data_path, labels, meter.report, device, as_json, f"{pair} re-verified")

@@ -5,7 +5,9 @@ Defaults are sized for a 2-core CPU (minutes per scenario); flags set the full s
 
 from __future__ import annotations
 
+import functools
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +18,10 @@ from ..decompose import DecomposeConfig
 from ..errors import CnnmodError
 from ..experiments import Experiment
 from ..inputs import InputSpec
+from ..outputs import check_output, write_report_folder
 from .app import cli, device_option, emit, json_option, reports_errors
-from .common import open_dataset, open_parent
+from .common import MODEL, ModelSource, open_dataset, open_parent
+from .params import COUNT, RATE, SEED
 
 SHARED = Path("../shared")
 
@@ -37,23 +41,31 @@ def _pairs(value: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def _finish(result: Experiment, out: Path | None, energy_keys: dict[str, str], label_key: str,
+@dataclass(frozen=True)
+class ReportTarget:
+    """Where an experiment writes its report (checked before the experiment runs)."""
+
+    path: Path
+    overwrite: bool
+
+
+def _finish(result: Experiment, out: ReportTarget | None, energy_keys: dict[str, str], label_key: str,
             as_json: bool) -> None:
     from ..fileio import atomic_write_text
     from ..report import plot_energy
 
     payload: dict[str, Any] = result.to_json()
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "result.json", json.dumps(payload, indent=2))
-        atomic_write_text(out / "table.md", f"# {result.name}\n\n{result.table()}\n" +
-                          "".join(f"\n- {n}" for n in result.notes) + "\n")
-        rows = [r for r in result.rows if all(k in r for k in energy_keys.values())]
-        if rows:
-            payload["energy_plot"] = str(plot_energy(
-                out / "energy.png", [str(r[label_key]) for r in rows],
-                {name: [max(r[k], 1e-12) for r in rows] for name, k in energy_keys.items()},
-                f"{result.name}: energy"))
+        with write_report_folder(out.path, out.overwrite, f"experiment {result.name}") as tmp:
+            atomic_write_text(tmp / "result.json", json.dumps(payload, indent=2, allow_nan=False))
+            atomic_write_text(tmp / "table.md", f"# {result.name}\n\n{result.table()}\n" +
+                              "".join(f"\n- {n}" for n in result.notes) + "\n")
+            rows = [r for r in result.rows if all(k in r for k in energy_keys.values())]
+            if rows:
+                plot_energy(tmp / "energy.png", [str(r[label_key]) for r in rows],
+                            {name: [max(r[k], 1e-12) for r in rows] for name, k in energy_keys.items()},
+                            f"{result.name}: energy")
+                payload["energy_plot"] = str(out.path / "energy.png")
     emit(as_json, payload, f"{result.name}\n\n{result.table()}\n" + "\n".join(f"- {n}" for n in result.notes))
 
 
@@ -62,11 +74,13 @@ def _config(samples_per_class: int, seed: int) -> DecomposeConfig:
 
 
 common = [
-    click.option("--epochs", default=5, show_default=True, help="Epochs for each model trained from scratch."),
-    click.option("--samples-per-class", default=1000, show_default=True),
-    click.option("--seed", default=0, show_default=True),
+    click.option("--epochs", type=COUNT, default=5, show_default=True,
+                 help="Epochs for each model trained from scratch."),
+    click.option("--samples-per-class", type=COUNT, default=1000, show_default=True),
+    click.option("--seed", type=SEED, default=0, show_default=True),
     click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
                  help="Folder for table.md, result.json and energy.png."),
+    click.option("--overwrite", is_flag=True, help="Replace an existing report folder at --out (nothing else)."),
     device_option, json_option, reports_errors,
 ]
 
@@ -75,12 +89,12 @@ def two_parents(f):  # type: ignore[no-untyped-def]
     """Options naming parent A (default: the shared ResNet-20 on CIFAR-10) and parent B (default: the embedded
     Fashion-MNIST CNN)."""
     options = [
-        click.option("--model-a", type=click.Path(exists=True, path_type=Path),
+        click.option("--model-a", type=MODEL,
                      default=SHARED / "models/resnet20-12fca82f.th", show_default=True),
         click.option("--arch-a", default="resnet20", show_default=True),
         click.option("--data-a", type=click.Path(exists=True, path_type=Path),
                      default=SHARED / "data/cifar10-jpg.tar.gz", show_default=True),
-        click.option("--model-b", type=click.Path(exists=True, path_type=Path), default=None,
+        click.option("--model-b", type=MODEL, default=None,
                      help="Default: the embedded Fashion-MNIST CNN."),
         click.option("--arch-b", default=None),
         click.option("--data-b", type=click.Path(exists=True, path_type=Path),
@@ -92,13 +106,20 @@ def two_parents(f):  # type: ignore[no-untyped-def]
 
 
 def with_common(f):  # type: ignore[no-untyped-def]
+    @functools.wraps(f)
+    def checked_out(*args: Any, out: Path | None, overwrite: bool, **kwargs: Any) -> Any:
+        if out is not None:
+            check_output(out, "report", overwrite)
+        return f(*args, out=ReportTarget(out, overwrite) if out is not None else None, **kwargs)
+
+    wrapped = checked_out
     for option in reversed(common):
-        f = option(f)
-    return f
+        wrapped = option(wrapped)
+    return wrapped
 
 
 @experiment.command("intra-reuse")
-@click.option("--model", type=click.Path(exists=True, path_type=Path),
+@click.option("--model", type=MODEL,
               default=SHARED / "models/resnet20-12fca82f.th", show_default=True)
 @click.option("--arch", default="resnet20", show_default=True)
 @click.option("--data", "data_path", type=click.Path(exists=True, path_type=Path),
@@ -106,12 +127,12 @@ def with_common(f):  # type: ignore[no-untyped-def]
 @click.option("--pairs", default="cat:dog,automobile:truck,deer:horse", show_default=True)
 @with_common
 def intra_reuse(model: Path, arch: str, data_path: Path, pairs: str, epochs: int, samples_per_class: int, seed: int,
-                out: Path | None, device: str | None, as_json: bool) -> None:
+                out: ReportTarget | None, device: str | None, as_json: bool) -> None:
     """Table 2: a parent's modules for a class pair, composed, vs the same architecture trained on the pair."""
     from ..experiments import intra_reuse as run
 
     data = open_dataset(data_path, None, None, as_json)
-    parent = open_parent(model, arch, data.classes, None)
+    parent = open_parent(_source(model, arch), data.classes)
     result = run(parent, data, _pairs(pairs), parent.arch, epochs, _config(samples_per_class, seed), seed, device,
                  not as_json)
     _finish(result, out, {"train from scratch": "train_kwh", "decompose + compose": "reuse_kwh",
@@ -122,22 +143,27 @@ def intra_reuse(model: Path, arch: str, data_path: Path, pairs: str, epochs: int
 @two_parents
 @click.option("--pairs", default="cat:Bag,automobile:Sneaker,dog:Shirt", show_default=True,
               help="class of A:class of B, ...")
-@click.option("--calibration-samples", default=300, show_default=True)
+@click.option("--calibration-samples", type=COUNT, default=300, show_default=True)
 @with_common
 def inter_reuse(model_a: Path, arch_a: str, data_a: Path, model_b: Path | None, arch_b: str | None, data_b: Path,
                 pairs: str, calibration_samples: int, epochs: int, samples_per_class: int, seed: int,
-                out: Path | None, device: str | None, as_json: bool) -> None:
+                out: ReportTarget | None, device: str | None, as_json: bool) -> None:
     """Table 3: modules from two datasets composed, with and without continuous learning, vs training."""
     from ..experiments import inter_reuse as run
 
     da, db = open_dataset(data_a, None, None, as_json), open_dataset(data_b, None, None, as_json)
-    pa = open_parent(model_a, arch_a, da.classes, None)
-    pb = open_parent(model_b or _embedded_model(), arch_b, db.classes, None)
+    pa = open_parent(_source(model_a, arch_a), da.classes)
+    pb = open_parent(_source(model_b or _embedded_model(), arch_b), db.classes)
     result = run(pa, da, pb, db, _pairs(pairs), pa.arch, epochs, _config(samples_per_class, seed),
                  calibration_samples, seed, device, not as_json)
     _finish(result, out, {"train from scratch": "train_kwh", "reuse + continuous learning": "reuse_kwh",
                           "+ score calibration": "calibrated_kwh", "+ head recalibration": "recalibrated_kwh"},
             "pair", as_json)
+
+
+def _source(model: str | Path, arch: str | None) -> ModelSource:
+    """MODEL (see `cnnmod decompose --help`); --arch applies to a checkpoint file, not to code or a zoo name."""
+    return ModelSource(str(model), arch if Path(str(model)).is_file() else None)
 
 
 def _embedded_model() -> Path:
@@ -148,18 +174,18 @@ def _embedded_model() -> Path:
 
 
 @experiment.command("intra-replace")
-@click.option("--weak", type=click.Path(exists=True, path_type=Path), required=True,
+@click.option("--weak", type=MODEL, required=True,
               help="The weaker parent (e.g. a ResNet-20 without BatchNorm trained by `cnnmod train`).")
 @click.option("--weak-arch", default=None)
-@click.option("--strong", type=click.Path(exists=True, path_type=Path),
+@click.option("--strong", type=MODEL,
               default=SHARED / "models/resnet20-12fca82f.th", show_default=True)
 @click.option("--strong-arch", default="resnet20", show_default=True)
 @click.option("--data", "data_path", type=click.Path(exists=True, path_type=Path),
               default=SHARED / "data/cifar10-jpg.tar.gz", show_default=True)
-@click.option("--limit", type=int, default=None, help="Evaluate on N test images (spread over all classes).")
+@click.option("--limit", type=COUNT, default=None, help="Evaluate on N test images (spread over all classes).")
 @with_common
 def intra_replace(weak: Path, weak_arch: str | None, strong: Path, strong_arch: str, data_path: Path,
-                  limit: int | None, epochs: int, samples_per_class: int, seed: int, out: Path | None,
+                  limit: int | None, epochs: int, samples_per_class: int, seed: int, out: ReportTarget | None,
                   device: str | None, as_json: bool) -> None:
     """Table 4: a weaker parent's composed modules, each replaced by a stronger parent's module."""
     from ..experiments import intra_replace as run
@@ -167,8 +193,8 @@ def intra_replace(weak: Path, weak_arch: str | None, strong: Path, strong_arch: 
     data = open_dataset(data_path, None, None, as_json)
     if limit:
         data = _spread(data, limit)
-    pw = open_parent(weak, weak_arch, data.classes, None)
-    ps = open_parent(strong, strong_arch, data.classes, None)
+    pw = open_parent(_source(weak, weak_arch), data.classes)
+    ps = open_parent(_source(strong, strong_arch), data.classes)
     result = run(pw, ps, data, _config(samples_per_class, seed), device, not as_json)
     _finish(result, out, {}, "class", as_json)
 
@@ -181,18 +207,18 @@ def _spread(data: Dataset, limit: int) -> Dataset:
 @two_parents
 @click.option("--replacements", default="truck:Sneaker,frog:Bag", show_default=True,
               help="class of A:class of B that takes its place, ...")
-@click.option("--limit", type=int, default=2000, show_default=True)
+@click.option("--limit", type=COUNT, default=2000, show_default=True)
 @with_common
 def inter_replace(model_a: Path, arch_a: str, data_a: Path, model_b: Path | None, arch_b: str | None, data_b: Path,
-                  replacements: str, limit: int, epochs: int, samples_per_class: int, seed: int, out: Path | None,
-                  device: str | None, as_json: bool) -> None:
+                  replacements: str, limit: int, epochs: int, samples_per_class: int, seed: int,
+                  out: ReportTarget | None, device: str | None, as_json: bool) -> None:
     """Table 5: a module replaced by another dataset's module for another class."""
     from ..experiments import inter_replace as run
 
     da, db = open_dataset(data_a, None, None, as_json), open_dataset(data_b, None, None, as_json)
     da = _spread(da, limit)
-    pa = open_parent(model_a, arch_a, da.classes, None)
-    pb = open_parent(model_b or _embedded_model(), arch_b, db.classes, None)
+    pa = open_parent(_source(model_a, arch_a), da.classes)
+    pb = open_parent(_source(model_b or _embedded_model(), arch_b), db.classes)
     result = run(pa, da, pb, db, _pairs(replacements), _config(samples_per_class, seed), seed=seed, device=device,
                  progress=not as_json)
     _finish(result, out, {}, "replacement", as_json)
@@ -206,14 +232,16 @@ GORILLA, GROOM = "n02480855", "n10148035"
               default=SHARED / "data/tiny-imagenet-202-sub.tar.gz", show_default=True)
 @click.option("--pair", default=f"{GORILLA}:{GROOM}", show_default=True,
               help="wrongly predicted class:class it is predicted for (gorilla:groom as 'person').")
-@click.option("--classes", "class_count", default=10, show_default=True,
+@click.option("--classes", "class_count", type=click.IntRange(min=2), default=10, show_default=True,
               help="Classes in the faulty parent: the pair plus the first others of the dataset.")
 @click.option("--arch", default="resnet20", show_default=True)
-@click.option("--input-size", default=32, show_default=True, help="64 for Tiny-ImageNet's full resolution.")
-@click.option("--noise", default=0.5, show_default=True, help="Share of the second class's labels set to the first.")
+@click.option("--input-size", type=click.IntRange(1, 4096), default=32, show_default=True,
+              help="64 for Tiny-ImageNet's full resolution.")
+@click.option("--noise", type=RATE, default=0.5, show_default=True,
+              help="Share of the second class's labels set to the first.")
 @with_common
 def repair(data_path: Path, pair: str, class_count: int, arch: str, input_size: int, noise: float, epochs: int,
-           samples_per_class: int, seed: int, out: Path | None, device: str | None, as_json: bool) -> None:
+           samples_per_class: int, seed: int, out: ReportTarget | None, device: str | None, as_json: bool) -> None:
     """Table 6: a parent that confuses a class pair, and the four ways to repair its composed classifier."""
     from ..experiments import repair_scenario
 

@@ -7,17 +7,18 @@ from pathlib import Path
 import click
 
 from .app import cli, emit, json_option, reports_errors
+from .common import ModelSource, describe_spec, open_parent, optional_model_options
 
 
 @cli.command()
-@click.argument("path", required=False, type=click.Path(exists=True, path_type=Path))
-@click.option("--arch", default=None, help="Architecture of a plain checkpoint.")
+@optional_model_options
 @click.option("--models", "list_zoo", is_flag=True, help="List the zoo's architectures.")
 @json_option
 @reports_errors
-def inspect(path: Path | None, arch: str | None, list_zoo: bool, as_json: bool) -> None:
-    """Describe a store folder, a model file, or (with --models) the zoo."""
-    if list_zoo or path is None:
+def inspect(model: ModelSource | None, list_zoo: bool, as_json: bool) -> None:
+    """Describe a store folder, a model (a zoo name without --weights: its architecture), or (with --models)
+    the zoo."""
+    if list_zoo or model is None:
         from ..zoo import list_models, model_info
 
         infos = [model_info(n) for n in list_models()]
@@ -26,10 +27,11 @@ def inspect(path: Path | None, arch: str | None, list_zoo: bool, as_json: bool) 
              "\n".join(f"{i.name:22s} {i.in_channels}x{i.input_size[0]}x{i.input_size[1]}  {i.description}"
                        for i in infos))
         return
+    path = Path(model.model)
     if path.is_dir():
         _inspect_store(path, as_json)
     else:
-        _inspect_model(path, arch, as_json)
+        _inspect_model(model, as_json)
 
 
 def _inspect_store(path: Path, as_json: bool) -> None:
@@ -50,29 +52,25 @@ def _inspect_store(path: Path, as_json: bool) -> None:
              f"{m.parent.input_spec.channels}x{m.parent.input_spec.size[0]}x{m.parent.input_spec.size[1]})",
              f"config: {m.config}",
              f"{len(sites)} {m.sites[0].kind} sites, {payload['nodes_per_module']} nodes per module"]
+    conservative = m.config.get("conservative_ops") or []
+    if conservative:  # recorded by the decomposition: no exact dependency pattern, all inputs kept
+        lines.append(f"backtracked conservatively (every input kept): {', '.join(conservative)}")
     lines += [f"  {c:20s} Jaccard {j:.4f}" for c, j in zip(m.class_names, jaccard, strict=True)]
     emit(as_json, payload, "\n".join(lines))
 
 
-def _inspect_model(path: Path, arch: str | None, as_json: bool) -> None:
-    from ..zoo import model_info
-    from .common import head_size, open_parent
-
-    classes: tuple[str, ...] = ()
-    if arch:
-        model_info(arch)
-        classes = tuple(str(i) for i in range(head_size(path, arch)))  # a plain checkpoint has no class names
-    parent = open_parent(path, arch, classes, None)
+def _inspect_model(source: ModelSource, as_json: bool) -> None:
+    parent = open_parent(source, None, allow_random=True)  # a file's classes, else numbered outputs
     model = parent.model
     payload = {
-        "model": str(path), "arch": parent.arch, "classes": list(parent.classes),
+        "model": str(source), "arch": parent.arch, "classes": list(parent.classes),
         "input_spec": parent.input_spec.to_json(),
         "head": {"node": model.head.node, "features": int(model.head.weight.shape[1])},
         "sites": {kind: [{"name": s.name, "shape": list(s.shape)} for s in sites]
                   for kind, sites in model.sites.items()},
     }
-    text = [f"{path}: {parent.arch}, {len(parent.classes)} classes, head {model.head.node} "
-            f"({model.head.weight.shape[1]} features)"]
+    text = [f"{source}: {parent.arch}, {len(parent.classes)} classes, head {model.head.node} "
+            f"({model.head.weight.shape[1]} features)", f"input: {describe_spec(parent.input_spec)}"]
     for kind, sites in model.sites.items():
         text.append(f"{len(sites)} {kind} sites, {sum(s.numel for s in sites)} nodes per sample")
     emit(as_json, payload, "\n".join(text))

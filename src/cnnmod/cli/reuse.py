@@ -13,10 +13,12 @@ from ..energy import EnergyMeter
 from ..errors import CnnmodError
 from ..inputs import as_format
 from ..modules import ModuleSet
+from ..outputs import check_output
 from ..reuse import activity_on, forget, own_activity, recalibrate
 from ..store import load_store, save_composition
 from .app import cli, device_option, emit, json_option, reports_errors
 from .common import open_dataset
+from .params import COUNT, SEED
 
 
 @cli.command()
@@ -24,18 +26,21 @@ from .common import open_dataset
 @click.option("--data", "data_paths", multiple=True, required=True, type=click.Path(exists=True, path_type=Path),
               help="One per SOURCE, in order: the dataset its classes come from (training split is used).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Composition folder to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing composition at --out (nothing else).")
 @click.option("--recalibrate", "refit", is_flag=True, help="Also refit each module's 2-output head.")
-@click.option("--samples", default=300, show_default=True, help="Images per class for learning and recalibration.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--samples", type=COUNT, default=300, show_default=True,
+              help="Images per class for learning and recalibration.")
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @device_option
 @json_option
 @reports_errors
-def reuse(sources: tuple[str, ...], data_paths: tuple[Path, ...], out: Path, refit: bool, samples: int, seed: int,
-          device: str | None, as_json: bool) -> None:
+def reuse(sources: tuple[str, ...], data_paths: tuple[Path, ...], out: Path, overwrite: bool, refit: bool,
+          samples: int, seed: int, device: str | None, as_json: bool) -> None:
     """Compose SOURCES (`STORE:class,...`, one per dataset) so that each module forgets what only the other
     datasets' classes activate; labels are the class names and must be unique."""
     if len(sources) != len(data_paths):
         raise CnnmodError(f"{len(sources)} sources need {len(sources)} --data, got {len(data_paths)}")
+    check_output(out, "composition", overwrite)
     groups: list[ModuleSet] = []
     images: list[list[np.ndarray]] = []
     activities = []
@@ -62,7 +67,7 @@ def reuse(sources: tuple[str, ...], data_paths: tuple[Path, ...], out: Path, ref
                 learned = [recalibrate(modules, images[i], others[i], device=device).modules
                            for i, modules in enumerate(learned)]
         composed = compose(learned)
-    save_composition(out, composed, overwrite=True)
+    save_composition(out, composed, overwrite)
     emit(as_json, {"composition": str(out), "labels": list(composed.labels), "recalibrated": refit,
                    "jaccard": {n: float(j) for g in learned for n, j in zip(g.class_names, g.jaccard().tolist(),
                                                                              strict=True)},

@@ -3,48 +3,60 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
+from ..decompose import GRANULARITIES
 from ..errors import CnnmodError
+from ..outputs import check_output, write_report_folder
 from ..tradeoff import sweep
 from .app import cli, device_option, emit, json_option, reports_errors
 from .common import data_options, open_dataset
+from .params import COUNT, FiniteFloat, FloatList
 
 
 @cli.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @data_options
-@click.option("--rho", "rhos", default="0,0.01,0.02,0.05,0.1,0.2,0.3,0.5", show_default=True,
+@click.option("--rho", "rhos", type=FloatList(FiniteFloat(0.0, 1.0, open_high=True)),
+              default="0,0.01,0.02,0.05,0.1,0.2,0.3,0.5", show_default=True,
               help="Comma-separated activity thresholds.")
 @click.option("--granularity", "granularities", default="node,channel", show_default=True)
-@click.option("--limit", type=int, default=None, help="Evaluate on N test images spread evenly over the classes.")
-@click.option("--batch-size", default=256, show_default=True)
+@click.option("--limit", type=COUNT, default=None, help="Evaluate on N test images spread evenly over the classes.")
+@click.option("--batch-size", type=COUNT, default=256, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder for the table (Markdown) and plot (default: STORE/tradeoff).")
+              help="Also write the table (Markdown) and plot to this report folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing report folder.")
 @device_option
 @json_option
 @reports_errors
-def tradeoff(store: Path, data_path: Path, data_format: str | None, classes: str | None, rhos: str,
-             granularities: str, limit: int | None, batch_size: int, out_dir: Path | None, device: str | None,
-             as_json: bool) -> None:
+def tradeoff(store: Path, data_path: Path, data_format: str | None, classes: str | None, rhos: tuple[float, ...],
+             granularities: str, limit: int | None, batch_size: int, out_dir: Path | None, overwrite: bool,
+             device: str | None, as_json: bool) -> None:
     """Composed top-1 and mean Jaccard index for each rho and granularity, without a new pass over data."""
     from ..report import markdown_table, plot_tradeoff, write_report
 
-    data = open_dataset(data_path, data_format, None, as_json).test.spread(limit)
-    try:
-        rho_values = [float(r) for r in rhos.split(",") if r.strip()]
-    except ValueError:
-        raise CnnmodError(f"--rho takes comma-separated numbers, got {rhos!r}") from None
+    if out_dir is not None:
+        check_output(out_dir, "report", overwrite)
     grans = [g.strip() for g in granularities.split(",") if g.strip()]
-    result = sweep(store, data, rho_values, grans, batch_size=batch_size, device=device, progress=not as_json)
-    out_dir = out_dir or store / "tradeoff"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plot = plot_tradeoff(out_dir / "tradeoff.png", result.rows, f"{result.arch}: module size vs composed accuracy")
+    unknown = [g for g in grans if g not in GRANULARITIES]
+    if not grans or unknown:
+        raise CnnmodError(f"--granularity takes {' and/or '.join(GRANULARITIES)}, comma-separated; "
+                          f"got {granularities!r}")
+    data = open_dataset(data_path, data_format, None, as_json).test.spread(limit)
+    result = sweep(store, data, list(rhos), grans, batch_size=batch_size, device=device, progress=not as_json)
     table = markdown_table(["granularity", "rho", "mean Jaccard", "kept params", "composed top-1", "parent top-1"],
                            [[r["granularity"], r["rho"], r["jaccard"], r["kept_parameters"], r["top1"],
                              r["parent_top1"]] for r in result.rows])
-    report = write_report(out_dir / "tradeoff.md", f"Size/accuracy trade-off: {store}", [("Table", table)],
-                          [("trade-off", plot)])
-    emit(as_json, {"rows": result.rows, "plot": str(plot), "report": str(report)},
-         f"{table}\nplot: {plot}\nreport: {report}")
+    payload: dict[str, Any] = {"rows": result.rows}
+    text = table
+    if out_dir is not None:
+        with write_report_folder(out_dir, overwrite, "tradeoff") as tmp:
+            plot = plot_tradeoff(tmp / "tradeoff.png", result.rows,
+                                 f"{result.arch}: module size vs composed accuracy")
+            write_report(tmp / "tradeoff.md", f"Size/accuracy trade-off: {store}", [("Table", table)],
+                         [("trade-off", plot)])
+        payload.update(plot=str(out_dir / "tradeoff.png"), report=str(out_dir / "tradeoff.md"))
+        text += f"\nplot: {out_dir / 'tradeoff.png'}\nreport: {out_dir / 'tradeoff.md'}"
+    emit(as_json, payload, text)

@@ -5,36 +5,46 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+import torch
 
 from ..energy import EnergyMeter
-from ..inputs import InputSpec
+from ..errors import CnnmodError
+from ..outputs import check_output
+from ..progress import is_quiet
 from ..train import train_model
 from ..zoo import create_model, model_info, save_model_file
 from .app import cli, device_option, emit, json_option, reports_errors, split_classes
-from .common import check_input, data_options, open_dataset
+from .common import check_input, data_options, input_options, input_spec, open_dataset
+from .params import COUNT, NON_NEGATIVE, POSITIVE, SEED, FiniteFloat
 
 
 @cli.command()
 @click.argument("arch")
 @data_options
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Model file to write (.safetensors).")
-@click.option("--epochs", default=10, show_default=True)
-@click.option("--batch-size", default=128, show_default=True)
-@click.option("--lr", default=0.05, show_default=True)
-@click.option("--weight-decay", default=5e-4, show_default=True)
-@click.option("--val-fraction", default=0.1, show_default=True, help="Held-out share that picks the best epoch.")
-@click.option("--input-size", type=int, default=None, help="Input side in pixels (default: the architecture's).")
-@click.option("--limit-per-class", type=int, default=None, help="Train on at most this many images per class.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--epochs", type=COUNT, default=10, show_default=True)
+@click.option("--batch-size", type=COUNT, default=128, show_default=True)
+@click.option("--lr", type=POSITIVE, default=0.05, show_default=True)
+@click.option("--weight-decay", type=NON_NEGATIVE, default=5e-4, show_default=True)
+@click.option("--val-fraction", type=FiniteFloat(0.0, 1.0, open_low=True, open_high=True), default=0.1,
+              show_default=True,
+              help="Held-out share that picks the best epoch.")
+@input_options
+@click.option("--limit-per-class", type=COUNT, default=None, help="Train on at most this many images per class.")
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing cnnmod model file at --out (nothing else).")
 @device_option
 @json_option
 @reports_errors
 def train(arch: str, data_path: Path, data_format: str | None, classes: str | None, out: Path, epochs: int,
-          batch_size: int, lr: float, weight_decay: float, val_fraction: float, input_size: int | None,
-          limit_per_class: int | None, seed: int, device: str | None, as_json: bool) -> None:
+          batch_size: int, lr: float, weight_decay: float, val_fraction: float,
+          input_size: tuple[int, int] | None, channels: int | None, mean: tuple[float, ...] | None,
+          std: tuple[float, ...] | None, limit_per_class: int | None, seed: int, overwrite: bool, device: str | None,
+          as_json: bool) -> None:
     """Train ARCH (see `cnnmod inspect --models`) on a dataset's training split."""
     import numpy as np
 
+    check_output(out, "model", overwrite)
     info = model_info(arch)
     data = open_dataset(data_path, data_format, split_classes(classes), as_json).train
     if limit_per_class:
@@ -42,13 +52,13 @@ def train(arch: str, data_path: Path, data_format: str | None, classes: str | No
         keep = np.concatenate([rng.permutation(np.flatnonzero(data.labels == c))[:limit_per_class]
                                for c in range(len(data.classes))])
         data = data.take(np.sort(keep))
-    size = (input_size, input_size) if input_size else info.input_size
-    spec = InputSpec.default(size, info.in_channels)
-    model = create_model(arch, num_classes=len(data.classes), in_channels=info.in_channels, seed=seed)
+    channels = channels or info.in_channels
+    spec = input_spec(input_size or info.input_size, channels, mean, std)
+    model = create_model(arch, num_classes=len(data.classes), in_channels=channels, seed=seed)
     check_input(model, spec, arch)
 
     def report(row: dict) -> None:
-        if not as_json:
+        if not as_json and not is_quiet():
             click.echo(f"epoch {row['epoch']}: loss {row['train_loss']:.4f}, train {row['train_accuracy']:.4f}, "
                        f"held-out {row['val_accuracy']:.4f} ({row['seconds']:.0f}s)", err=True)
 
@@ -59,7 +69,10 @@ def train(arch: str, data_path: Path, data_format: str | None, classes: str | No
     extra = {"dataset": str(data_path), "epochs": epochs, "best_epoch": result.best_epoch,
              "best_val_accuracy": result.best_val_accuracy, "train_images": len(data), "seed": seed,
              "seconds": result.seconds}
-    save_model_file(out, result.model.cpu(), arch, data.classes, spec, extra)
+    if not all(bool(torch.isfinite(p).all()) for p in result.model.parameters()):
+        raise CnnmodError(f"training diverged: {arch} has NaN or infinite weights after {epochs} epochs; "
+                          f"nothing was written; try a lower --lr than {lr:g}")
+    save_model_file(out, result.model.cpu(), arch, data.classes, spec, extra, overwrite=overwrite)
     emit(as_json, {"model": str(out), "arch": arch, "classes": list(data.classes), **extra,
                    "history": result.history},
          f"wrote {out}: {arch}, best held-out accuracy {result.best_val_accuracy:.4f} at epoch "

@@ -10,30 +10,29 @@ from ..decompose import DecomposeConfig
 from ..evaluate import relabel
 from ..variants import compare_variants
 from .app import cli, device_option, emit, json_option, reports_errors
-from .common import data_options, open_dataset, open_parent
+from .common import ModelSource, data_options, model_options, open_dataset, open_parent
+from .params import COUNT, NON_NEGATIVE, SEED
 
 
 @cli.command()
-@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--arch", default=None, help="Zoo architecture of a plain checkpoint.")
+@model_options
 @data_options
-@click.option("--samples-per-class", default=1000, show_default=True)
-@click.option("--tangling-ratio", default=1.0, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--limit", type=int, default=None, help="Evaluate on N test images spread evenly over the classes.")
-@click.option("--batch-size", default=256, show_default=True)
-@click.option("--input-size", type=int, default=None)
+@click.option("--samples-per-class", type=COUNT, default=1000, show_default=True)
+@click.option("--tangling-ratio", type=NON_NEGATIVE, default=1.0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--limit", type=COUNT, default=None, help="Evaluate on N test images spread evenly over the classes.")
+@click.option("--batch-size", type=COUNT, default=256, show_default=True)
 @device_option
 @json_option
 @reports_errors
-def variants(model: Path, arch: str | None, data_path: Path, data_format: str | None, classes: str | None,
+def variants(model: ModelSource, data_path: Path, data_format: str | None, classes: str | None,
              samples_per_class: int, tangling_ratio: float, seed: int, limit: int | None, batch_size: int,
-             input_size: int | None, device: str | None, as_json: bool) -> None:
+             device: str | None, as_json: bool) -> None:
     """Decompose MODEL with every variant and site kind and compare each composition with the parent."""
     from ..report import markdown_table
 
     data = open_dataset(data_path, data_format, None, as_json)
-    parent = open_parent(model, arch, data.classes, input_size)
+    parent = open_parent(model, data.classes, images=data.train.images)
     train_labels = relabel(data.train.labels, data.train.classes, parent.classes)
     test = data.test.spread(limit)
     test_labels = relabel(test.labels, test.classes, parent.classes)

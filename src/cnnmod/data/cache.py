@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -14,7 +13,8 @@ import numpy as np
 
 from cnnmod.data.files import iter_names
 from cnnmod.data.imageset import ImageSet
-from cnnmod.errors import DataError
+from cnnmod.errors import CnnmodError, DataError
+from cnnmod.outputs import register_kind, write_file
 
 READER_VERSION = 1
 """Bump when a reader changes what it returns, so that older cache files are no longer used."""
@@ -58,21 +58,30 @@ def load_cached(cache_dir: Path, key: str) -> tuple[ImageSet, ImageSet] | None:
         return None  # corrupt or from another layout: decode again and overwrite it
 
 
+def _is_cache_file(path: Path) -> bool:
+    if not path.is_file() or path.suffix != ".npz":
+        return False
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return set(_ARRAYS) <= set(z.files)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return True  # a damaged cache file of ours (the name is ours): replace it
+
+
+register_kind("dataset cache", folder=False, recognise=_is_cache_file)
+
+
 def save_cached(cache_dir: Path, key: str, train: ImageSet, test: ImageSet) -> None:
     """Write the cache file atomically (temporary file, then rename); warn and go on if that fails."""
     file = cache_file(cache_dir, key)
-    tmp: str | None = None
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{key[:16]}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
             np.savez(f, train_images=train.images, train_labels=train.labels, test_images=test.images,
                      test_labels=test.labels, classes=np.array(train.classes, dtype=np.str_))
-        os.replace(tmp, file)
-        tmp = None
-    except OSError as e:
+
+    try:
+        write_file(file, "dataset cache", write, overwrite=True)
+    except (OSError, CnnmodError) as e:
         warnings.warn(f"cnnmod: could not write the dataset cache {file} ({e}); "
                       "set CNNMOD_CACHE to a writable directory", stacklevel=3)
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)

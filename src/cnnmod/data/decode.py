@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from cnnmod.data.files import Source
 from cnnmod.errors import DataError
+from cnnmod.progress import show_progress
 
 _GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F"}
 
@@ -35,7 +36,7 @@ def decode_images(items: Sequence[tuple[str, Source]], where: str, progress: boo
         raise DataError(f"{where}: no images found")
     out: np.ndarray | None = None
     first = ""
-    bar = tqdm(items, desc=f"decoding {where}", unit="img", file=sys.stderr, disable=not progress,
+    bar = tqdm(items, desc=f"decoding {where}", unit="img", file=sys.stderr, disable=not show_progress(progress),
                leave=False)
     for i, (name, source) in enumerate(bar):
         arr = decode_image(source, f"{where}: {name}")

@@ -22,10 +22,13 @@ from torch import nn
 
 from cnnmod.errors import ModelError, StoreError
 from cnnmod.inputs import InputSpec
+from cnnmod.outputs import register_kind, safetensors_with_metadata, write_file
 from cnnmod.zoo.registry import arch_of, create_model
 
 MODEL_FILE_FORMAT = "cnnmod-model"
 MODEL_FILE_VERSION = "1"
+
+register_kind("model", folder=False, recognise=safetensors_with_metadata("format", MODEL_FILE_FORMAT))
 
 _READ_ERRORS = (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError,
                 SafetensorError)
@@ -54,8 +57,12 @@ def _is_safetensors(path: Path) -> bool:
     return head[8:9] == b"{" and 0 < header_len < 100_000_000
 
 
+_NESTED_KEYS = ("state_dict", "model_state_dict", "model")
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.th``/``.pt`` checkpoint (bare or under ``state_dict``) or a ``.safetensors`` file."""
+    """Tensors of a ``.th``/``.pt`` checkpoint (bare or under ``state_dict``, ``model_state_dict`` or ``model``;
+    a ``module.`` prefix, as DataParallel writes it, removed) or of a ``.safetensors`` file."""
     if not path.is_file():
         raise StoreError(f"checkpoint {path} does not exist")
     try:
@@ -65,8 +72,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except _READ_ERRORS as e:
         raise StoreError(f"cannot read checkpoint {path}: {_one_line(e)}") from None
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
+    if isinstance(obj, Mapping):  # a training checkpoint: the weights under one of the usual keys
+        nested = next((obj[k] for k in _NESTED_KEYS if isinstance(obj.get(k), Mapping)), None)
+        obj = obj if nested is None else nested
     if not isinstance(obj, Mapping) or not obj:
         raise StoreError(f"checkpoint {path} holds no state_dict (a mapping of names to tensors)")
     state: dict[str, torch.Tensor] = {}
@@ -83,18 +91,16 @@ def _one_line(e: BaseException) -> str:
 
 
 def _check_fits(model: nn.Module, state: Mapping[str, torch.Tensor], arch: str, source: str) -> None:
-    """ModelError naming the first missing key, unexpected key or shape mismatch."""
+    """ModelError naming the first few missing and unexpected keys, or the first shape mismatch."""
     expected = model.state_dict()
     # BatchNorm step counters are not weights; published checkpoints leave them out.
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
     problems = []
     if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        problems.append(f"missing key '{missing[0]}'{more}")
+        problems.append(_name_keys("missing", missing))
     if unexpected:
-        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        problems.append(f"unexpected key '{unexpected[0]}'{more}")
+        problems.append(_name_keys("unexpected", unexpected))
     if not problems:
         for key, value in state.items():
             if tuple(value.shape) != tuple(expected[key].shape):
@@ -103,6 +109,13 @@ def _check_fits(model: nn.Module, state: Mapping[str, torch.Tensor], arch: str, 
                 break
     if problems:
         raise ModelError(f"{source} does not fit architecture {arch}: {'; '.join(problems)}")
+
+
+def _name_keys(what: str, keys: Sequence[str], shown: int = 3) -> str:
+    """`missing key 'a'`, or `missing keys 'a', 'b', 'c' (and 4 more)`."""
+    names = ", ".join(f"'{k}'" for k in keys[:shown])
+    more = f" (and {len(keys) - shown} more)" if len(keys) > shown else ""
+    return f"{what} key{'s' if len(keys) > 1 else ''} {names}{more}"
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
@@ -120,8 +133,9 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
 
 
 def save_model_file(path: str | os.PathLike[str], model: nn.Module, arch: str, classes: Sequence[str],
-                    input_spec: InputSpec, extra: Mapping[str, Any] | None = None) -> Path:
-    """Write ``model``'s weights and metadata to a safetensors file, atomically; returns the path."""
+                    input_spec: InputSpec, extra: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Write ``model``'s weights and metadata to a safetensors file, atomically; returns the path. With
+    ``overwrite``, an existing cnnmod model file (and nothing else) is replaced."""
     path = Path(path)
     classes = tuple(str(c) for c in classes)
     try:
@@ -138,15 +152,14 @@ def save_model_file(path: str | os.PathLike[str], model: nn.Module, arch: str, c
         "extra": extra_json,
     }
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+
+    def write(tmp: Path) -> None:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as e:
+            raise StoreError(f"cannot write {path}: {_one_line(e)}") from None
+
+    return write_file(path, "model", write, overwrite)
 
 
 def read_model_file_info(path: str | os.PathLike[str]) -> ModelFileInfo:

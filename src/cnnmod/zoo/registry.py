@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import importlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,12 +76,20 @@ def list_models(pattern: str = "*") -> list[str]:
 
 def model_info(name: str) -> ModelInfo:
     """The registry entry for ``name``; ModelError naming close matches if there is none."""
-    try:
+    if name in _REGISTRY:
         return _REGISTRY[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
-        hint = f"did you mean {', '.join(close)}?" if close else "see cnnmod.zoo.list_models()"
-        raise ModelError(f"unknown architecture '{name}'; {hint}") from None
+    match = _CIFAR_RESNET.fullmatch(name)
+    if match:  # a CIFAR ResNet of another depth, built on demand (not added to the registry's list)
+        depth, suffix = int(match["depth"]), match["suffix"]
+        if depth < 8 or (depth - 2) % 6 or depth > _MAX_RESNET_DEPTH:
+            close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ModelError(f"unknown architecture '{name}': CIFAR ResNets have depth 6n+2 between 8 and "
+                             f"{_MAX_RESNET_DEPTH} (8, 14, 20, 32, 44, 56, 110, 1202, ...){hint}")
+        return _resnet_info(depth, suffix)
+    close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}?" if close else "see cnnmod.zoo.list_models()"
+    raise ModelError(f"unknown architecture '{name}'; {hint}")
 
 
 def create_model(name: str, num_classes: int = 10, in_channels: int | None = None,
@@ -108,21 +117,34 @@ def arch_of(model: nn.Module) -> str | None:
     return arch if isinstance(arch, str) else None
 
 
+_RESNET = "cnnmod.zoo.resnet"
+_RESNET_VARIANTS = {
+    "": ("A", True, "option-A shortcuts, BatchNorm"),
+    "_b": ("B", True, "option-B (1x1 conv) shortcuts, BatchNorm"),
+    "_nobn": ("A", False, "option-A shortcuts, no BatchNorm"),
+    "_b_nobn": ("B", False, "option-B (1x1 conv) shortcuts, no BatchNorm"),
+}
+# resnet<depth><suffix>, any depth 6n+2: the names of pytorch_resnet_cifar10 (resnet110, resnet1202) and more
+_CIFAR_RESNET = re.compile(r"resnet(?P<depth>[1-9][0-9]{0,5})(?P<suffix>_b_nobn|_b|_nobn|)")
+_MAX_RESNET_DEPTH = 6 * 1000 + 2
+
+
+def _resnet_info(depth: int, suffix: str) -> ModelInfo:
+    shortcut, bn, what = _RESNET_VARIANTS[suffix]
+    kwargs: tuple[tuple[str, Any], ...] = (
+        ("blocks_per_stage", (depth - 2) // 6), ("shortcut", shortcut), ("batch_norm", bn))
+    return ModelInfo(f"resnet{depth}{suffix}", (32, 32), 3, f"CIFAR ResNet-{depth} (He et al. 2016), {what}",
+                     _LazyFactory(_RESNET, "CifarResNet", kwargs))
+
+
 def _register_builtins() -> None:
-    resnet = "cnnmod.zoo.resnet"
-    variants = {
-        "": ("A", True, "option-A shortcuts, BatchNorm"),
-        "_b": ("B", True, "option-B (1x1 conv) shortcuts, BatchNorm"),
-        "_nobn": ("A", False, "option-A shortcuts, no BatchNorm"),
-        "_b_nobn": ("B", False, "option-B (1x1 conv) shortcuts, no BatchNorm"),
-    }
-    for suffix, (shortcut, bn, what) in variants.items():
-        for depth in (20, 32, 44, 56):
-            kwargs: tuple[tuple[str, Any], ...] = (
-                ("blocks_per_stage", (depth - 2) // 6), ("shortcut", shortcut), ("batch_norm", bn))
-            register(f"resnet{depth}{suffix}", _LazyFactory(resnet, "CifarResNet", kwargs), (32, 32), 3,
-                     f"CIFAR ResNet-{depth} (He et al. 2016), {what}")
-        kwargs = (("blocks_per_stage", 1), ("widths", (4, 8, 16)), ("shortcut", shortcut), ("batch_norm", bn))
+    resnet = _RESNET
+    for suffix, (shortcut, bn, what) in _RESNET_VARIANTS.items():
+        for depth in (20, 32, 44, 56, 110, 1202):
+            info = _resnet_info(depth, suffix)
+            register(info.name, info.factory, info.input_size, info.in_channels, info.description)
+        kwargs: tuple[tuple[str, Any], ...] = (
+            ("blocks_per_stage", 1), ("widths", (4, 8, 16)), ("shortcut", shortcut), ("batch_norm", bn))
         register(f"resnet_tiny{suffix}", _LazyFactory(resnet, "CifarResNet", kwargs), (32, 32), 3,
                  f"tiny CIFAR ResNet for tests (1 block per stage, widths 4/8/16), {what}")
     small = "cnnmod.zoo.smallcnn"
