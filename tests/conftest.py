@@ -52,8 +52,9 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run_cli(*args: object) -> Result:
     """`cnnmod ARGS...` in-process on one thread, with every command registered; stdout and stderr apart."""
-    from cnnmod.cli import decompose, demo, evaluate, inspect, tradeoff, train, variants  # noqa: F401
-    from cnnmod.cli.app import cli
+    from cnnmod.cli.app import cli, register_commands
+
+    register_commands()
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)

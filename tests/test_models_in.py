@@ -23,7 +23,6 @@ from click.testing import Result
 from safetensors.torch import save_file
 from torch import nn
 
-import cnnmod.cli.import_  # noqa: F401  (registers `cnnmod import` on the group conftest's run_cli invokes)
 from cnnmod.exported import from_exported
 from cnnmod.inputs import InputSpec
 from cnnmod.models_in import ModelSource, open_model, parse_input_size
@@ -180,6 +179,23 @@ def test_user_file_round_trip_through_decompose_evaluate_and_import(cnnmod_cli: 
     for site in store.modules.sites:
         assert torch.equal(again.masks[site.name], store.modules.masks[site.name])
     assert torch.equal(again.head_weight, store.modules.head_weight)
+
+    # and out again: the composed classifier as ONNX, run by onnxruntime, agrees with `cnnmod predict`
+    ort = pytest.importorskip("onnxruntime")
+    from PIL import Image
+
+    ok_json(cnnmod_cli("export", tmp_path / "s2", "--format", "onnx", "--out", tmp_path / "m.onnx", "--json"))
+    (tmp_path / "png").mkdir()
+    for i, image in enumerate(data["x_test"]):
+        Image.fromarray(image[..., 0]).save(tmp_path / "png" / f"{i:03d}.png")
+    predicted = cnnmod_cli("predict", tmp_path / "s2", tmp_path / "png", "--json")
+    assert predicted.exit_code == 0, predicted.stderr
+    labels_by_file = {Path(p["image"]).name: p["label"] for p in json.loads(predicted.stdout)}
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    names = json.loads(session.get_modelmeta().custom_metadata_map["labels"])
+    x = data["x_test"].astype(np.float32).transpose(0, 3, 1, 2) / 255
+    scores = session.run(["scores"], {session.get_inputs()[0].name: x})[0]
+    assert [names[int(i)] for i in scores.argmax(1)] == [labels_by_file[f"{i:03d}.png"] for i in range(len(x))]
 
 
 def test_parent_file_loads_as_data(user: Path, fmnist: Path, tmp_path: Path, cnnmod_cli: Cli) -> None:

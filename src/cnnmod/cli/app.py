@@ -152,8 +152,9 @@ def main() -> None:
     sys.exit(code)
 
 
-def _run() -> int:
-    from . import (  # noqa: F401  (registers the commands)
+def register_commands() -> None:
+    """Import every command's file, which registers it on `cli` (kept out of import time: they import torch)."""
+    from . import (  # noqa: F401
         compose,
         decompose,
         demo,
@@ -170,6 +171,9 @@ def _run() -> int:
         variants,
     )
 
+
+def _run() -> int:
+    register_commands()
     try:
         cli.main(prog_name="cnnmod", standalone_mode=False)
     except click.exceptions.Exit as e:
