@@ -451,8 +451,9 @@ def test_ctrl_c_at_any_moment_is_one_line(tmp_path: Path) -> None:
             child.send_signal(signal.SIGINT)
         _, err = child.communicate(timeout=60)
         assert "Traceback" not in err, f"after {delay}s: {err}"
-        if child.returncode != 0:
-            assert child.returncode == 130 and err.strip() == "interrupted", (delay, child.returncode, err)
+        if child.returncode != 0:  # -SIGINT: killed while the interpreter itself was starting, before any code ran
+            assert child.returncode in (130, -signal.SIGINT), (delay, child.returncode, err)
+            assert err.strip() in ("interrupted", ""), (delay, err)
 
 
 # ---------------------------------------------------------------------------- 5. permissions and leftovers

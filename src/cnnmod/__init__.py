@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 import sys
 import types
-from typing import TYPE_CHECKING, Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (this file must import fast)
 
 __version__ = "0.1.0"
 
@@ -63,6 +64,8 @@ sys.modules[__name__].__class__ = _Package
 
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from .calibrate import Calibration, calibrate
     from .compose import ComposedClassifier, compose
     from .data import Dataset, ImageSet, load_dataset

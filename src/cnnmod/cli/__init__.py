@@ -1,7 +1,20 @@
-"""The `cnnmod` command line: one file per command."""
+"""The `cnnmod` command line: one file per command.
+
+Importing this package imports nothing but the standard library's `sys`, so the console script's `main` has
+Ctrl-C covered from its first instruction: the commands (click, torch) are imported inside it.
+"""
 
 from __future__ import annotations
 
-from .app import main
+import sys
 
 __all__ = ["main"]
+
+
+def main() -> None:
+    try:
+        from .app import main as run
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        raise SystemExit(130) from None
+    run()
