@@ -477,7 +477,7 @@ def test_mean_and_std_per_channel_or_one_for_all(user: Path) -> None:
     (["--input-size", "0"], "--input-size", "between 1 and 4096"),
     (["--input-size", "5000x3"], "--input-size", "between 1 and 4096"),
     (["--input-size", "big"], "--input-size", "H or HxW"),
-    (["--channels", "0"], "--channels", "1<=x<=4096"),
+    (["--channels", "0"], "--channels", "1<=x<=64"),
 ])
 def test_input_flags_are_refused_with_a_usage_error(cnnmod_cli: Cli, user: Path, flags: list[str], option: str,
                                                     words: str) -> None:

@@ -519,3 +519,16 @@ def test_a_class_without_samples_is_named(work: Path) -> None:
     arrays["x_train"], arrays["y_train"] = arrays["x_train"][keep], arrays["y_train"][keep]
     np.savez(work / "nodress.npz", **arrays)
     assert_refused(run_main("decompose", MODEL, "--data", work / "nodress.npz", "--out", work / "s"), "'Dress'")
+
+
+@pytest.mark.parametrize("size, channels, mean, std", [
+    ((0, 28), 1, (0.5,), (0.5,)), ((28, 28), 1, (0.5,), (0.0,)), ((28, 28), 3, (0.5,), (0.5,)),
+    ((28, 28), 1, (float("nan"),), (0.5,)), ((28, 28), 0, (), ()), ((10**6, 28), 1, (0.5,), (0.5,)),
+])
+def test_an_input_spec_that_is_not_one_is_refused_wherever_it_comes_from(size: tuple[int, int], channels: int,
+                                                                          mean: tuple[float, ...],
+                                                                          std: tuple[float, ...]) -> None:
+    from cnnmod.inputs import InputSpec
+
+    with pytest.raises(ValueError):
+        InputSpec(size, channels, mean, std)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -12,6 +13,8 @@ RGB_MEAN = (0.485, 0.456, 0.406)
 RGB_STD = (0.229, 0.224, 0.225)
 GREY_MEAN = (0.5,)
 GREY_STD = (0.5,)
+MAX_SIDE = 8192
+MAX_CHANNELS = 64
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,17 @@ class InputSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
+    def __post_init__(self) -> None:
+        if len(self.size) != 2 or not all(isinstance(s, int) and 1 <= s <= MAX_SIDE for s in self.size):
+            raise ValueError(f"input size must be two sides of 1 to {MAX_SIDE} pixels, got {list(self.size)}")
+        if not 1 <= self.channels <= MAX_CHANNELS:
+            raise ValueError(f"input channels must be 1 to {MAX_CHANNELS}, got {self.channels}")
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) != self.channels or not all(math.isfinite(v) for v in values):
+                raise ValueError(f"input {name} must be {self.channels} finite numbers, got {list(values)}")
+        if not all(v > 0 for v in self.std):
+            raise ValueError(f"input std must be above 0, got {list(self.std)}")
+
     @classmethod
     def default(cls, size: tuple[int, int], channels: int) -> InputSpec:
         mean, std = (RGB_MEAN, RGB_STD) if channels == 3 else (GREY_MEAN * channels, GREY_STD * channels)
@@ -33,7 +47,9 @@ class InputSpec:
 
     @classmethod
     def from_json(cls, d: dict) -> InputSpec:
-        return cls(tuple(d["size"]), int(d["channels"]), tuple(d["mean"]), tuple(d["std"]))  # type: ignore[arg-type]
+        """Raises ValueError, KeyError or TypeError for a spec that is not one (callers name the file)."""
+        return cls(tuple(int(s) for s in d["size"]), int(d["channels"]),  # type: ignore[arg-type]
+                   tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]))
 
     def prepare(self, images: np.ndarray | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
         """Turn raw images (uint8 NHWC, or float NCHW in [0, 1]) into this parent's normalised input: float32

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .errors import CnnmodError, ModelError
-from .inputs import InputSpec
+from .inputs import MAX_CHANNELS, InputSpec
 from .modules import Parent
 
 __all__ = ["MAX_INPUT_SIDE", "InputOptionError", "ModelSource", "describe_spec", "make_input_spec", "open_model",
@@ -172,8 +172,8 @@ def make_input_spec(size: tuple[int, int], channels: int, mean: tuple[float, ...
                     std: tuple[float, ...] | None = None) -> InputSpec:
     """An input spec; `mean` and `std` hold one value (for every channel) or one per channel, and default to
     ImageNet's for 3 channels and 0.5 otherwise. InputOptionError names the flag whose value does not fit."""
-    if not 1 <= channels <= MAX_INPUT_SIDE:
-        raise InputOptionError("--channels", f"{channels} is not between 1 and {MAX_INPUT_SIDE}")
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise InputOptionError("--channels", f"{channels} is not between 1 and {MAX_CHANNELS}")
     if not all(1 <= int(s) <= MAX_INPUT_SIDE for s in size):
         raise InputOptionError("--input-size", f"{size[0]}x{size[1]} is not between 1 and {MAX_INPUT_SIDE} pixels")
     default = InputSpec.default(size, channels)

@@ -14,7 +14,7 @@ import torch
 from .. import models_in
 from ..data import Dataset, load_dataset
 from ..errors import ModelError
-from ..inputs import InputSpec
+from ..inputs import MAX_CHANNELS, InputSpec
 from ..models_in import (  # noqa: F401  (describe_spec: how commands print an input spec)
     MAX_INPUT_SIDE,
     InputOptionError,
@@ -83,7 +83,7 @@ def input_options(f: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--input-size", type=InputSizeType(), default=None, metavar="H[xW]",
                      help="Input size in pixels, H or HxW (default: the model's, else the zoo's or the data's)."),
-        click.option("--channels", type=click.IntRange(1, MAX_INPUT_SIDE), default=None,
+        click.option("--channels", type=click.IntRange(1, MAX_CHANNELS), default=None,
                      help="Input channels of a model from code (default: its first convolution's)."),
         click.option("--mean", type=FloatList(FiniteFloat()), default=None,
                      help="Per-channel normalisation mean, comma-separated (0.485,0.456,0.406); one value for all "
