@@ -216,6 +216,7 @@ def _temp_name(path: Path, mark: str) -> str:
     return f".{path.name}.{mark}-{os.getpid()}-"
 
 
+_RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
@@ -233,12 +234,13 @@ def _renameat2() -> Callable[..., int] | None:
     return fn  # type: ignore[no-any-return]
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two existing paths in one atomic step; False when the system cannot."""
+def _exchange(a: Path, b: Path, flags: int = _RENAME_EXCHANGE) -> bool:
+    """Swap two existing paths in one atomic step (or, with RENAME_NOREPLACE, move `a` to a `b` that must not
+    exist); False when the system cannot."""
     fn = _renameat2()
     if fn is None:
         return False
-    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), flags) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
@@ -264,7 +266,9 @@ def _fsync_dir(directory: Path) -> None:
 def _put_in_place(tmp: Path, path: Path, folder: bool) -> None:
     """Move a finished temporary artefact onto `path`, so that `path` never stops holding one of the two."""
     if not (path.exists() or path.is_symlink()):
-        os.replace(tmp, path) if not folder else os.rename(tmp, path)
+        # a plain rename would replace an empty folder that appeared at `path` meanwhile
+        if not _exchange(tmp, path, _RENAME_NOREPLACE):
+            os.rename(tmp, path)
     elif not folder:
         os.replace(tmp, path)
     elif _exchange(tmp, path):
