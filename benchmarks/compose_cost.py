@@ -1,31 +1,65 @@
 """The 10-module composed classifier of the shared ResNet-20 against the parent, on the CIFAR-10 test set.
 
-    python benchmarks/compose_cost.py [--limit 2000] [--repeats 3]
-Last line: `ratio <composed seconds / parent seconds>`.
+    python benchmarks/compose_cost.py [--method paper|compact] [--store S] [--limit 2000] [--repeats 3]
+Last line: `ratio <composed seconds / parent seconds>` (compact: with the modules' default engine; every engine's
+ratio is printed above it).
+
+Compact modules' inference time depends on their shapes only, so without `--store` the benchmark builds modules
+of the default keep fractions from importance alone (no fine-tune): the same shapes as `cnnmod decompose
+--method compact` makes. `--store` times a store's own modules instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from common import resnet20_and_cifar10, side_by_side
 
 from cnnmod.decompose import DecomposeConfig, decompose
 
 
+def compact_modules(parent, data, store):  # type: ignore[no-untyped-def]
+    if store:
+        from cnnmod.store import load_store
+
+        return load_store(store, with_activity=False).modules
+    from cnnmod.compact import CompactConfig, compact_decompose, module_set
+
+    config = CompactConfig(train_images=0, importance_per_class=8, recalibrate_images=0)
+    result = compact_decompose(parent, data.train.images, data.train.labels, config)
+    return module_set(parent, result.plan, list(result.keeps), list(result.nets), range(parent.num_classes))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--method", choices=["paper", "compact"], default="paper")
+    ap.add_argument("--store", default=None, help="compact: time this store's modules")
     ap.add_argument("--limit", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     parent, data = resnet20_and_cifar10()
-    modules, _ = decompose(parent, data.train.images, data.train.labels, DecomposeConfig(samples_per_class=200),
-                           progress=False)
     test = data.test.images[: args.limit]
-    print(f"{len(test)} test images, {len(modules)} modules")
-    parent_s, composed_s = side_by_side(lambda: parent.logits(test), lambda: modules.logits(test), args.repeats)
-    print(f"parent {parent_s:.2f}s, composed {composed_s:.2f}s")
-    print(f"ratio {composed_s / parent_s:.3f}")
+    if args.method == "paper":
+        modules, _ = decompose(parent, data.train.images, data.train.labels,
+                               DecomposeConfig(samples_per_class=200), progress=False)
+        print(f"{len(test)} test images, {len(modules)} modules")
+        parent_s, composed_s = side_by_side(lambda: parent.logits(test), lambda: modules.logits(test), args.repeats)
+        print(f"parent {parent_s:.2f}s, composed {composed_s:.2f}s")
+        print(f"ratio {composed_s / parent_s:.3f}")
+        return
+    modules = compact_modules(parent, data, args.store)
+    compact = modules.compact
+    engines = ["exact"] + (["shared"] if compact.shared is not None else [])
+    print(f"{len(test)} test images, {len(modules)} compact modules, engines {', '.join(engines)}, "
+          f"default {compact.engine}")
+    ratios = {}
+    for engine in engines:
+        run = dataclasses.replace(modules, compact=compact.with_engine(engine))
+        parent_s, composed_s = side_by_side(lambda: parent.logits(test), lambda r=run: r.logits(test), args.repeats)
+        ratios[engine] = composed_s / parent_s
+        print(f"{engine}: parent {parent_s:.2f}s, composed {composed_s:.2f}s, ratio {ratios[engine]:.3f}")
+    print(f"ratio {ratios[compact.engine]:.3f}")
 
 
 if __name__ == "__main__":

@@ -93,13 +93,14 @@ def tiny_model(tiny_train: tuple[Path, dict]) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_decompose(tiny_model: Path, tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """`cnnmod decompose` of tiny_model with 20 samples per class: the store folder and the --json output.
+    """`cnnmod decompose --keep-activity` of tiny_model with 20 samples per class: the store folder and the --json
+    output.
 
     Tests must not change this store; copy it (shutil.copytree) to damage or overwrite it.
     """
     out = tmp_path_factory.mktemp("store") / "store"
     result = _checked(run_cli("decompose", tiny_model, "--data", tiny_data, "--out", out,
-                              "--samples-per-class", 20, "--json"))
+                              "--samples-per-class", 20, "--keep-activity", "--json"))
     return out, json.loads(result.stdout)
 
 

@@ -80,9 +80,10 @@ def tree(path: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A store of the embedded Fashion-MNIST CNN (20 samples per class), made through the CLI."""
+    """A store of the embedded Fashion-MNIST CNN (20 samples per class, with its activity counts), made through
+    the CLI."""
     out = tmp_path_factory.mktemp("reliability") / "base"
-    run = run_main("decompose", MODEL, "--data", DATA, "--samples-per-class", 20, "--out", out)
+    run = run_main("decompose", MODEL, "--data", DATA, "--samples-per-class", 20, "--keep-activity", "--out", out)
     assert run.code == 0, run.stderr
     return out
 
@@ -126,6 +127,7 @@ WRITERS: dict[str, Callable[[Path, Path, Path], list[object]]] = {
     "evaluate-report": lambda base, comp, out: ["evaluate", base, "--data", DATA, "--limit", 20, "--report", out],
     "tradeoff": lambda base, comp, out: ["tradeoff", base, "--data", DATA, "--limit", 20, "--rho", "0",
                                          "--granularity", "node", "--out", out],
+    "reproduce": lambda base, comp, out: ["reproduce", "--out", out, "--only", "table6"],
 }
 
 

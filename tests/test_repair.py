@@ -10,9 +10,9 @@ import torch
 from cnnmod.compose import compose
 from cnnmod.data import ImageSet
 from cnnmod.errors import CnnmodError
-from cnnmod.experiments import faulty_labels
 from cnnmod.inputs import InputSpec, as_format
 from cnnmod.modules import ModuleSet
+from cnnmod.paper.experiments import faulty_labels
 from cnnmod.repair import replace_from
 from fixtures.nets import DenseNet, parent_of
 

@@ -7,11 +7,14 @@ import pytest
 from PIL import Image
 
 from cnnmod.errors import StoreError
-from cnnmod.report import (
+from cnnmod.paper.report import (
     markdown_table,
+    plot_energy,
+    plot_module_sizes,
     plot_overlap_heatmap,
     plot_per_class_accuracy,
     plot_tradeoff,
+    require_matplotlib,
     write_report,
 )
 
@@ -44,7 +47,7 @@ def test_plotting_needs_no_pyplot(tmp_path: Path) -> None:
     # matplotlib.get_backend() itself imports pyplot, so "no pyplot imported" is the check that no backend
     # was chosen or switched behind the caller's back.
     code = (
-        "import sys; from pathlib import Path; from cnnmod.report import plot_tradeoff; "
+        "import sys; from pathlib import Path; from cnnmod.paper.report import plot_tradeoff; "
         "row = {'granularity': 'c', 'rho': 0.1, 'jaccard': 0.5, 'top1': 0.8}; "
         f"plot_tradeoff(Path({str(tmp_path / 't.png')!r}), [row]); "
         "assert 'matplotlib.pyplot' not in sys.modules"
@@ -56,9 +59,9 @@ def test_plotting_needs_no_pyplot(tmp_path: Path) -> None:
 def test_report_module_does_not_import_torch() -> None:
     import ast
 
-    import cnnmod.report
+    import cnnmod.paper.report
 
-    tree = ast.parse(Path(cnnmod.report.__file__).read_text())
+    tree = ast.parse(Path(cnnmod.paper.report.__file__).read_text())
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
                 for alias in node.names}
     imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
@@ -137,6 +140,31 @@ def test_tradeoff_rejects_bad_rows(tmp_path: Path) -> None:
         plot_tradeoff(tmp_path / "t.png", two_parents)
     with pytest.raises(ValueError, match="no rows"):
         plot_tradeoff(tmp_path / "t.png", [])
+
+
+def test_module_sizes_png(tmp_path: Path) -> None:
+    out = plot_module_sizes(tmp_path / "sizes.png", ["a", "b", "c"], [0.9, 0.8, 0.95], [0.7, 0.9, 1.0], "sizes")
+    _assert_png(out)
+    with pytest.raises(ValueError, match="not percentages"):
+        plot_module_sizes(tmp_path / "s.png", ["a"], [90.0], [0.5])
+
+
+def test_energy_bars_png_on_a_log_scale(tmp_path: Path) -> None:
+    out = plot_energy(tmp_path / "energy.png", ["reuse", "replace"], {"train": [1e-3, 2e-3], "modules": [1e-6, 3e-7]},
+                      "Figure 6", "CO2e (lbs, log scale)")
+    _assert_png(out)
+    with pytest.raises(ValueError, match="2 values for 3 labels"):
+        plot_energy(tmp_path / "e.png", ["a", "b", "c"], {"train": [1.0, 2.0]})
+
+
+def test_a_missing_plotting_library_is_named_in_one_line() -> None:
+    code = ("import sys; sys.modules['matplotlib'] = None\n"
+            "from cnnmod.paper.report import has_matplotlib, markdown_table, require_matplotlib\n"
+            "assert not has_matplotlib() and markdown_table(['a'], [[1.5]])\n"
+            "require_matplotlib('cnnmod thing')")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "CnnmodError: cnnmod thing needs matplotlib: pip install 'cnnmod[report]'" in run.stderr
+    require_matplotlib("here it is installed")  # no error
 
 
 def test_markdown_table_shape_and_floats() -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 
 from .compose import SCORINGS, ComposedClassifier
+from .distributed import SINGLE, Shard
 from .errors import CnnmodError
 from .metrics import parameter_counts, precision_recall, topk_accuracy
 from .modules import ModuleSet, score_from_logits
@@ -44,6 +45,12 @@ class Evaluation:
     parent_parameters: int
     modules: tuple[ModuleReport, ...]
     seconds: dict[str, float]
+    kept_parameters_mean: float | None = None
+    """Mean over modules of kept parameters as a fraction of the parent's (0 to 1)."""
+    engine: str | None = None
+    """Compact modules: the engine whose vote `composed` reports (cnnmod.engines); None for masking modules."""
+    engines: dict | None = None
+    """Compact modules: top-1, top-5 and seconds of every engine that ran, side by side."""
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -74,8 +81,12 @@ def evaluate(
     device: torch.device | str | None = None,
     progress: bool = True,
     with_parameters: bool = True,
+    shard: Shard = SINGLE,
 ) -> Evaluation:
-    """`labels[i]` is the position of image i's class among `modules.class_names` (-1: not evaluated)."""
+    """`labels[i]` is the position of image i's class among `modules.class_names` (-1: not evaluated).
+
+    Under torchrun (`shard`), each process runs the parent and the modules on its share of the images and the
+    outputs are gathered, so every rank returns the evaluation of all of them."""
     if scoring not in SCORINGS:
         raise CnnmodError(f"unknown scoring {scoring!r}; choose from {', '.join(SCORINGS)}")
     keep = labels >= 0
@@ -83,13 +94,34 @@ def evaluate(
     if len(targets) == 0:
         raise CnnmodError("no evaluation samples belong to the modules' classes")
     seconds: dict[str, float] = {}
+    mine = images[shard.part(len(images))]
     start = time.perf_counter()
     columns = torch.tensor(modules.class_indices)
-    parent_logits = modules.parent.logits(images, batch_size, device, progress)[:, columns]
+    parent_logits = shard.gather_rows(modules.parent.logits(mine, batch_size, device, progress)[:, columns]
+                                      .to(shard.device))
     seconds["parent"] = time.perf_counter() - start
     start = time.perf_counter()
-    module_logits = modules.logits(images, batch_size, device, progress)
+    module_logits = shard.gather_rows(modules.logits(mine, batch_size, device, progress).to(shard.device))
     seconds["composed"] = time.perf_counter() - start
+    parent_logits, module_logits = parent_logits.cpu(), module_logits.cpu()
+    engine, engines = None, None
+    if modules.compact is not None:  # compact modules: every engine, side by side; the default is chosen
+        from .engines import ENGINES, EngineResult, choose_engine
+
+        runs = {modules.compact.engine: (module_logits, seconds["composed"])}
+        for name in ENGINES:
+            if name not in runs and (name != "shared" or modules.compact.shared is not None):
+                other = replace(modules, compact=modules.compact.with_engine(name))
+                start = time.perf_counter()
+                logits = shard.gather_rows(other.logits(mine, batch_size, device, progress).to(shard.device)).cpu()
+                runs[name] = (logits, time.perf_counter() - start)
+        found = {}
+        for name, (logits, secs) in runs.items():
+            scores = score_from_logits(logits, scoring)
+            found[name] = EngineResult(topk_accuracy(scores, targets, 1), topk_accuracy(scores, targets, 5), secs)
+        engine = choose_engine(found)
+        engines = {name: asdict(r) for name, r in found.items()}
+        module_logits, seconds["composed"] = runs[engine]
     k = len(modules)
     parent_pred = parent_logits.argmax(1)
     composed = {}
@@ -100,7 +132,12 @@ def evaluate(
     precision, recall = precision_recall(pred, targets, k)
     parent_precision, parent_recall = precision_recall(parent_pred, targets, k)
     jaccard = modules.jaccard().tolist()
-    kept = parameter_counts(modules) if with_parameters else None
+    kept = parameter_counts(modules) if with_parameters and modules.compact is None else None
+    if with_parameters and modules.compact is not None:
+        from .engines import compact_parameters
+        from .metrics import ParameterCount
+
+        kept = ParameterCount(*compact_parameters(modules))
     reports = tuple(
         ModuleReport(modules.class_names[i], jaccard[i], kept.kept[i] if kept else -1, precision[i], recall[i],
                      parent_precision[i], parent_recall[i])
@@ -115,16 +152,29 @@ def evaluate(
         parent_parameters=kept.parent if kept else -1,
         modules=reports,
         seconds=seconds,
+        kept_parameters_mean=float(np.mean(kept.kept)) / kept.parent if kept and kept.parent else None,
+        engine=engine,
+        engines=engines,
     )
 
 
-def overlap_matrix(modules: ModuleSet) -> torch.Tensor:
-    """Jaccard similarity between the kept-node sets of every pair of modules, (M, M)."""
-    flat = torch.cat([modules.masks[s.name].flatten(1) for s in modules.sites], 1).float()
-    inter = flat @ flat.T
-    sizes = flat.sum(1)
+def overlap_matrix(modules: ModuleSet, cells: int = 1 << 24) -> torch.Tensor:
+    """Jaccard similarity between the kept-node sets of every pair of modules, (M, M).
+
+    Intersections are summed over blocks of nodes (about `cells` mask cells at a time, as float32, exact below
+    2^24 per block), so no (M, nodes) float matrix is ever made."""
+    m = len(modules)
+    inter = torch.zeros((m, m), dtype=torch.float64)
+    sizes = torch.zeros(m, dtype=torch.float64)
+    step = max(1, cells // max(m, 1))
+    for site in modules.sites:
+        flat = modules.masks[site.name].flatten(1)
+        for start in range(0, flat.shape[1], step):
+            block = flat[:, start:start + step].to(torch.float32)
+            inter += (block @ block.T).to(torch.float64)
+            sizes += block.sum(1, dtype=torch.float64)
     union = sizes[:, None] + sizes[None, :] - inter
-    return inter / union.clamp(min=1)
+    return (inter / union.clamp(min=1)).float()
 
 
 def evaluate_composed(composed: ComposedClassifier, images: np.ndarray, labels: np.ndarray,

@@ -134,6 +134,10 @@ class _Mask(nn.Module):
 
 def _module_network(modules: ModuleSet) -> nn.Module:
     """Modules of one parent as one network: normalised input (B, C, H, W) -> (B, M, 2), without in-place ops."""
+    if modules.compact is not None:  # compact modules: their own networks, by the exact engine
+        from .engines import runner_for
+
+        return runner_for(modules.compact, modules.head_weight, modules.head_bias, torch.device("cpu"), "exact")
     traced = modules.parent.model
     placeholder = next(n for n in traced.graph.graph.nodes if n.op == "placeholder")
     taps: dict[str, nn.Module] = {placeholder.name: _Repeat(len(modules))}

@@ -81,6 +81,11 @@ INPUT_SPEC = {
     "std": List(POSITIVE, 1, MAX_CHANNELS, length_of="channels"),
 }
 
+COMPACT_NETWORK = {  # a compact module's own network file (cnnmod.compactstore)
+    "file": FILE, "sha256": HEX64, "parameters": int_in(0, 1 << 40), "macs": int_in(0, 1 << 50),
+    "bytes": int_in(0, 1 << 40),
+}
+
 STORE_SCHEMA: dict[str, Any] = {
     "format": ("cnnmod.store",),
     "version": (2,),
@@ -96,9 +101,11 @@ STORE_SCHEMA: dict[str, Any] = {
     "sites": List({"name": NAME, "kind": ("relu", "conv"), "shape": List(int_in(1, 1 << 30), 1, 8)}, 1),
     "config": dict,
     "modules": List({"class": NAME, "class_index": int_in(0, MAX_CLASSES - 1), "file": FILE, "sha256": HEX64,
-                     "jaccard": FINITE}, 1, MAX_CLASSES),
-    "activity": Optional({"file": FILE, "sha256": HEX64, "site_kind": ("relu", "conv")}),
+                     "jaccard": FINITE, "network": Optional(COMPACT_NETWORK)}, 1, MAX_CLASSES),
+    "activity": Optional({"file": FILE, "sha256": HEX64, "site_kind": ("relu", "conv"),
+                          "granularity": Optional(("node", "channel"))}),
     "provenance": dict,
+    "compact": Optional({"engine": ("exact", "shared"), "shared": Optional({"file": FILE, "sha256": HEX64})}),
 }
 
 COMPOSITION_SCHEMA: dict[str, Any] = {

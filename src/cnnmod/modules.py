@@ -6,6 +6,7 @@ import copy
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 from .errors import CnnmodError
 from .inputs import InputSpec, batch_slices
 from .progress import show_progress
-from .trace import Site, TracedModel, trace_model, with_taps
+from .trace import Site, TracedModel, trace_model
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,79 @@ class _MaskTap(nn.Module):
         return x
 
 
+class _MaskedReLU(nn.Module):
+    """A ReLU applied in place (its input is a new tensor nothing else reads), then its masks (None: all kept)."""
+
+    def __init__(self, mask: torch.Tensor | None) -> None:
+        super().__init__()
+        self.mask: torch.Tensor | None
+        self.register_buffer("mask", None if mask is None else mask.unsqueeze(1).float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu_(x)
+        if self.mask is not None:
+            y.unflatten(0, (self.mask.shape[0], -1)).mul_(self.mask)
+        return y
+
+
+def masked_network(traced: TracedModel, sites: Sequence[Site], masks: dict[str, torch.Tensor],
+                   copies: int) -> fx.GraphModule:
+    """The parent's graph running `copies` masked copies of each batch (stacked along the batch), the mask of copy
+    i being `masks[site][i]`.
+
+    Exact shortcuts: the graph runs once on the batch up to the first site whose masks do not keep everything in
+    every copy, and only the values alive there are repeated (unless one of them is not a batched tensor, a size
+    say: then the input is repeated); a mask that keeps everything is not applied; a ReLU whose input nothing else
+    reads runs in place and applies its masks itself."""
+    from .activity import relu_in_place
+
+    gm = traced.graph
+    net = fx.GraphModule(copy.deepcopy(gm), copy.deepcopy(gm.graph))
+    nodes = list(net.graph.nodes)
+    position = {n.name: i for i, n in enumerate(nodes)}
+    trivial = {s.name: bool(masks[s.name].all()) for s in sites}
+    first = next((s.name for s in sites if not trivial[s.name]), traced.head.node)
+    cut = position[first] - 1  # nodes[:cut + 1] run once
+
+    def crossing(at: int) -> list[fx.Node]:
+        return [n for n in nodes[:at + 1] if any(position[u.name] > at for u in n.users)]
+
+    alive = crossing(cut)
+    if any(n.op != "get_attr" and n.name not in traced.batched for n in alive):
+        cut = max(i for i, n in enumerate(nodes) if n.op == "placeholder")
+        alive = crossing(cut)
+    for i, n in enumerate(alive):
+        if n.op == "get_attr":
+            continue  # parameters and constants are shared by every copy
+        target = f"cnnmod_repeat_{i}"
+        net.add_submodule(target, _Repeat(copies))
+        later = [u for u in n.users if position[u.name] > cut]
+        with net.graph.inserting_after(nodes[cut] if n.op == "placeholder" else n):
+            repeated = net.graph.call_module(target, (n,))
+        for u in later:
+            u.replace_input_with(n, repeated)
+    for i, site in enumerate(sites):
+        if position[site.name] <= cut:
+            continue  # before the copies are made: every copy keeps all of it
+        node = next(n for n in net.graph.nodes if n.name == site.name)
+        mask = None if trivial[site.name] else masks[site.name]
+        target = f"cnnmod_mask_{i}"
+        if site.kind == "relu" and relu_in_place(net, node, traced.batched):
+            net.add_submodule(target, _MaskedReLU(mask))
+            node.op, node.target, node.args, node.kwargs = "call_module", target, (node.args[0],), {}
+        elif mask is not None:
+            net.add_submodule(target, _MaskTap(mask))
+            later = list(node.users)
+            with net.graph.inserting_after(node):
+                tapped = net.graph.call_module(target, (node,))
+            for u in later:
+                u.replace_input_with(node, tapped)
+    net.graph.lint()
+    net.delete_all_unused_submodules()
+    net.recompile()
+    return net
+
+
 class _MultiHead(nn.Module):
     """M two-output heads applied to the M stacked copies of the batch; output (B, M, 2)."""
 
@@ -143,6 +217,9 @@ class ModuleSet:
     head_weight: torch.Tensor
     head_bias: torch.Tensor
     config: dict = field(default_factory=dict)
+    compact: Any = None
+    """cnnmod.engines.CompactNets for compact modules (each its own small network, `--method compact`): then
+    `logits` runs those networks (with these heads) instead of masking the parent."""
 
     def __len__(self) -> int:
         return len(self.class_indices)
@@ -167,18 +244,21 @@ class ModuleSet:
         return ModuleSet(
             self.parent, tuple(self.class_indices[r] for r in rows), self.sites,
             {k: v[idx] for k, v in self.masks.items()}, self.head_weight[idx], self.head_bias[idx], self.config,
+            self.compact.select(rows) if self.compact is not None else None,
         )
+
+    def require_masked(self, what: str) -> None:
+        """Refuse an operation that works on masks of the parent for compact modules (their own networks)."""
+        if self.compact is not None:
+            raise CnnmodError(f"{what} works on modules that mask their parent; these are compact modules "
+                              "(decomposed with --method compact), each its own network")
 
     def network(self, device: torch.device | str | None = None, features: bool = False) -> nn.Module:
         """All modules as one network: input (B, C, H, W) -> (B, M, 2), masks stacked, one forward pass.
         With `features`, the output is what each module's head reads, (B, M, F)."""
+        self.require_masked("one masked network of all modules")
         traced = self.parent.model
-        taps: dict[str, nn.Module] = {}
-        placeholder = next(n for n in traced.graph.graph.nodes if n.op == "placeholder")
-        taps[placeholder.name] = _Repeat(len(self))
-        for site in self.sites:
-            taps[site.name] = _MaskTap(self.masks[site.name])
-        net = with_taps(traced.graph, taps)
+        net = masked_network(traced, self.sites, self.masks, len(self))
         head = _Features(len(self)) if features else _MultiHead(self.head_weight, self.head_bias)
         _replace_head(net, traced.head.node, head)
         return net.to(resolve_device(device)).eval()
@@ -187,6 +267,11 @@ class ModuleSet:
                progress: bool = False, chunk: int = 16) -> torch.Tensor:
         """Raw (z_c, z_uc) of every module for every image, (N, M, 2); modules run `chunk` at a time."""
         device = resolve_device(device)
+        if self.compact is not None:
+            from .engines import run_engine
+
+            return run_engine(self.compact, self.parent.input_spec, self.head_weight, self.head_bias, images,
+                              batch_size, device, progress)
         parts = []
         for start in range(0, len(self), chunk):
             names = self.class_names[start:start + chunk]
@@ -197,6 +282,7 @@ class ModuleSet:
     def features(self, images: np.ndarray, batch_size: int = 256, device: torch.device | str | None = None,
                  progress: bool = False) -> torch.Tensor:
         """What each module's head reads, with the module's masks applied: (N, M, F)."""
+        self.require_masked("reading masked features")
         device = resolve_device(device)
         net = self.network(device, features=True)
         return self._run(net, images, max(1, batch_size // len(self)), device, progress, "features")
@@ -213,10 +299,16 @@ class ModuleSet:
         return score_from_logits(self.logits(images, batch_size, device, progress), scoring)
 
     def jaccard(self) -> torch.Tensor:
-        """Kept nodes over all nodes, over all sites, per module."""
-        kept = sum(self.masks[s.name].flatten(1).sum(1).double() for s in self.sites)
+        """Kept nodes over all nodes, over all sites, per module (counted a few modules at a time: a sum over a
+        bool tensor converts all of it to int64 first)."""
+        kept = torch.zeros(len(self), dtype=torch.float64)
+        for s in self.sites:
+            flat = self.masks[s.name].flatten(1)
+            step = max(1, (1 << 22) // max(1, flat.shape[1]))
+            for start in range(0, len(self), step):
+                kept[start:start + step] += flat[start:start + step].sum(1).double()
         total = sum(s.numel for s in self.sites)
-        return (kept / total).float()  # type: ignore[union-attr]
+        return (kept / total).float()
 
 
 def score_from_logits(logits: torch.Tensor, scoring: str) -> torch.Tensor:

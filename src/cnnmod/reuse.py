@@ -20,10 +20,10 @@ from .modules import ModuleSet, resolve_device
 def activity_on(modules: ModuleSet, images: np.ndarray, batch_size: int = 256,
                 device: torch.device | str | None = None, progress: bool = False) -> dict[str, torch.Tensor]:
     """How many of `images` activate each node of the parent at the modules' sites (parent unmasked)."""
-    plan = SamplePlan(np.arange(len(images)), np.zeros(len(images), dtype=np.int64), 1, (0,))
+    plan = SamplePlan(np.arange(len(images)), np.zeros(len(images), dtype=np.int64), 1, ())
     recorded = record_activity(modules.parent.model, modules.sites[0].kind, images, plan,
                                modules.parent.input_spec, batch_size, device, progress)
-    return {name: counts[0] for name, counts in recorded.counts.items()}
+    return recorded.others
 
 
 def own_activity(modules: ModuleSet, activity: Activity) -> dict[str, torch.Tensor]:
@@ -31,14 +31,16 @@ def own_activity(modules: ModuleSet, activity: Activity) -> dict[str, torch.Tens
     missing = [c for c in modules.class_indices if c not in activity.chosen]
     if missing:
         raise CnnmodError(f"the recorded activity holds no samples of class {modules.parent.classes[missing[0]]!r}")
-    idx = torch.tensor(modules.class_indices)
-    return {s.name: activity.counts[s.name][2 * idx] + activity.counts[s.name][2 * idx + 1] for s in modules.sites}
+    if activity.granularity != "node":
+        raise CnnmodError("continuous learning needs node counts: decompose with --granularity node")
+    return {s.name: activity.class_counts(s.name, modules.class_indices) for s in modules.sites}
 
 
 def forget(modules: ModuleSet, own: dict[str, torch.Tensor], competing: dict[str, torch.Tensor],
            competing_samples: int, rho: float = 0.0) -> ModuleSet:
     """Remove from every module the nodes active for the competing samples (rate > rho) that the module's own
     class never activated. `own` is (M, *shape) counts, `competing` is (*shape) counts over `competing_samples`."""
+    modules.require_masked("continuous learning")
     masks = {}
     for site in modules.sites:
         other = (competing[site.name] / max(competing_samples, 1) > rho).unsqueeze(0)

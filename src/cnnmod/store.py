@@ -3,7 +3,8 @@
     STORE/manifest.json            classes, input spec, sites, parameters, provenance, file hashes
     STORE/parent.safetensors       the traced, BatchNorm-folded parent as data (cnnmod.graphio)
     STORE/modules/NNNN.safetensors masks (bit-packed, one per site) and the 2-output head
-    STORE/activity.safetensors     per-class activity counts, so masks for another rho need no new pass
+    STORE/activity.safetensors     per-class activity counts (only when asked for: `decompose --keep-activity`),
+                                   so masks for another rho need no new pass; integers of the smallest dtype
 
 A store is written into a temporary folder beside its destination and swapped into place (cnnmod.outputs).
 Loading checks the manifest against its schema (cnnmod.manifest), every file's sha256, the parent's fingerprint,
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .activity import Activity
+from .activity import Activity, count_dtype
 from .compose import ComposedClassifier, Reverifier, compose, with_reverifiers
 from .errors import CnnmodError, StoreError
 from .fileio import (
@@ -88,10 +89,12 @@ def _write(folder: Path, modules: ModuleSet, activity: Activity | None, provenan
     activity_entry = None
     if activity is not None:
         tensors = {f"counts.{k}": v.contiguous() for k, v in activity.counts.items()}
-        tensors["group_sizes"] = activity.group_sizes
+        tensors.update({f"others.{k}": v.contiguous() for k, v in activity.others.items()})
+        tensors["group_sizes"] = activity.group_sizes.to(torch.int64)
         tensors["chosen"] = torch.tensor(activity.chosen, dtype=torch.long)
         sha = atomic_save_safetensors(folder / "activity.safetensors", tensors)
-        activity_entry = {"file": "activity.safetensors", "sha256": sha, "site_kind": activity.sites[0].kind}
+        activity_entry = {"file": "activity.safetensors", "sha256": sha, "site_kind": activity.sites[0].kind,
+                          "granularity": activity.granularity}
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -110,6 +113,10 @@ def _write(folder: Path, modules: ModuleSet, activity: Activity | None, provenan
         "activity": activity_entry,
         "provenance": provenance,
     }
+    if modules.compact is not None:  # compact modules: each also its own network file (cnnmod.compactstore)
+        from .compactstore import write_networks
+
+        manifest["compact"] = write_networks(folder, modules, entries, fingerprint)
     atomic_write_text(folder / "manifest.json", _json(manifest, str(folder / "manifest.json")))
 
 
@@ -223,7 +230,19 @@ def load_store(path: Path | str, with_activity: bool = True) -> Store:
         activity = _load_activity(path, manifest["activity"], sites, len(parent.classes))
     modules = ModuleSet(parent, tuple(indices), sites, {k: torch.stack(v) for k, v in masks.items()},
                         torch.stack(weights), torch.stack(biases), dict(manifest["config"]))
+    if manifest.get("compact") is not None or any(e.get("network") for e in manifest["modules"]):
+        from .compactstore import load_networks
+
+        modules = load_networks(path, manifest, modules)
     return Store(path, modules, activity, dict(manifest["provenance"]))
+
+
+def require_activity(path: Path | str, command: str) -> None:
+    """Refuse, in one line and before any work, a store that holds no activity counts (decomposed without
+    --keep-activity) for a command that needs them."""
+    if read_manifest(path).get("activity") is None:
+        raise StoreError(f"{path} holds no activity counts: {command} needs a store decomposed with "
+                         "`cnnmod decompose --keep-activity`")
 
 
 def _tensor(tensors: dict[str, torch.Tensor], name: str, where: Path) -> torch.Tensor:
@@ -232,18 +251,56 @@ def _tensor(tensors: dict[str, torch.Tensor], name: str, where: Path) -> torch.T
     return tensors[name]
 
 
+_COUNT_TYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
 def _load_activity(path: Path, entry: dict[str, Any], sites: tuple[Site, ...], num_classes: int) -> Activity:
+    """The store's activity counts, checked against its sites and classes. A store written before counts were
+    integers (float32 counts of every class's 2 groups, no `others`) is read into today's layout."""
     where = path / entry["file"]
     tensors, _ = load_safetensors(where, entry["sha256"])
+    granularity = entry.get("granularity") or "node"
     counts = {s.name: _tensor(tensors, f"counts.{s.name}", where) for s in sites}
     group_sizes = _tensor(tensors, "group_sizes", where)
     chosen = _tensor(tensors, "chosen", where)
-    groups = group_sizes.shape[0] if group_sizes.dim() == 1 else -1
-    if groups != 2 * num_classes or chosen.dim() != 1 \
-            or any(tuple(counts[s.name].shape) != (groups, *s.shape) for s in sites) \
-            or (chosen.numel() and (int(chosen.min()) < 0 or int(chosen.max()) >= num_classes)):
-        raise StoreError(f"{where}: activity counts do not fit the store's sites and classes; the store is damaged")
-    return Activity(sites, counts, group_sizes, tuple(int(c) for c in chosen.tolist()))
+    damaged = StoreError(f"{where}: activity counts do not fit the store's sites and classes; the store is damaged")
+    if chosen.dim() != 1 or chosen.is_floating_point() or group_sizes.dim() != 1 \
+            or (chosen.numel() and (int(chosen.min()) < 0 or int(chosen.max()) >= num_classes)) \
+            or len(set(chosen.tolist())) != chosen.numel():
+        raise damaged
+    picked = tuple(int(c) for c in chosen.tolist())
+    if not any(k.startswith("others.") for k in tensors):
+        counts, others, group_sizes = _from_version_2(counts, group_sizes, picked, num_classes, damaged)
+    else:
+        others = {s.name: _tensor(tensors, f"others.{s.name}", where) for s in sites}
+    rows = 2 * len(picked)
+    for s in sites:
+        shape = s.shape[:1] if granularity == "channel" else s.shape
+        c, o = counts[s.name], others[s.name]
+        if tuple(c.shape) != (rows, *shape) or tuple(o.shape) != shape \
+                or c.dtype not in _COUNT_TYPES or o.dtype not in _COUNT_TYPES:
+            raise damaged
+    if group_sizes.shape[0] != rows + 1 or group_sizes.is_floating_point() or int(group_sizes.min()) < 0:
+        raise damaged
+    return Activity(sites, counts, others, group_sizes, picked, granularity)
+
+
+def _from_version_2(counts: dict[str, torch.Tensor], group_sizes: torch.Tensor, chosen: tuple[int, ...],
+                    num_classes: int, damaged: StoreError
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+    """Float counts of all 2K groups -> integer counts of the chosen classes' groups, and the others'."""
+    if group_sizes.shape[0] != 2 * num_classes or any(c.shape[:1] != (2 * num_classes,) for c in counts.values()):
+        raise damaged
+    rows = torch.tensor([g for c in chosen for g in (2 * c, 2 * c + 1)], dtype=torch.long)
+    rest = torch.tensor([2 * c + 1 for c in range(num_classes) if c not in set(chosen)], dtype=torch.long)
+    sizes = group_sizes.round().to(torch.int64)
+    largest = int(sizes[rows].max()) if rows.numel() else 0
+    new_counts, others = {}, {}
+    for name, c in counts.items():
+        whole = c.round().to(torch.int64)
+        new_counts[name] = whole[rows].to(count_dtype(largest))
+        others[name] = whole[rest].sum(0).to(torch.int64)
+    return new_counts, others, torch.cat([sizes[rows], sizes[rest].sum().view(1)])
 
 
 def store_files(path: Path | str) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""The paper's reuse, replacement and repair scenarios (cnnmod.experiments) on small subsets of real data.
+"""The paper's reuse, replacement and repair scenarios (cnnmod.paper.experiments) on small subsets of real data.
 
 Each scenario runs on a few hundred images per class, 50 decomposition samples per class and scratch models
 trained for an epoch or two, so each test takes about a minute on a 2-core CPU. They check what a user would
@@ -17,7 +17,9 @@ import pytest
 
 from cnnmod.data import Dataset, ImageSet, load_dataset
 from cnnmod.decompose import DecomposeConfig
-from cnnmod.experiments import (
+from cnnmod.inputs import InputSpec
+from cnnmod.modules import Parent
+from cnnmod.paper.experiments import (
     Experiment,
     inter_replace,
     inter_reuse,
@@ -27,8 +29,6 @@ from cnnmod.experiments import (
     repair_scenario,
     train_scratch,
 )
-from cnnmod.inputs import InputSpec
-from cnnmod.modules import Parent
 from cnnmod.zoo import create_model, load_model_file, load_weights
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
@@ -139,11 +139,15 @@ def test_inter_replace_swaps_a_class_for_another_datasets_class(cifar: Dataset, 
     parent_b, data_b = fashion
     small = Dataset(cifar.name, first_per_class(cifar.train, 60), first_per_class(cifar.test, 20))
     result = inter_replace(resnet20, small, parent_b, data_b, [("truck", "Sneaker")], CONFIG,
-                           calibration_samples=50, limit=200, progress=False)
+                           calibration_samples=50, limit=200, progress=False, arch="resnet_tiny", epochs=1)
     assert [r["replacement"] for r in result.rows] == ["truck -> Sneaker"]
-    accuracies_ok(result, "before_on_a", "replaced", "replaced_cl", "replaced_calibrated")
-    assert result.rows[0]["before_on_a"] > 0.7  # the strong parent's composed modules on 10 CIFAR classes
-    energy_ok(result.rows[0], "replace", "calibrate")
+    accuracies_ok(result, "before_on_a", "replaced", "replaced_cl", "replaced_calibrated", "scratch",
+                  "replaced_top5", "scratch_top5")
+    row = result.rows[0]
+    assert row["before_on_a"] > 0.7  # the strong parent's composed modules on 10 CIFAR classes
+    assert row["replaced_top5"] >= row["replaced"] and row["scratch_top5"] >= row["scratch"]
+    energy_ok(row, "replace", "calibrate", "train")
+    assert row["energy_ratio"] == pytest.approx(row["train_kwh"] / row["replace_kwh"])
 
 
 def test_intra_replace_with_a_strong_parents_modules_improves_a_weak_one(cifar: Dataset, resnet20: Parent) -> None:
@@ -160,9 +164,18 @@ def test_intra_replace_with_a_strong_parents_modules_improves_a_weak_one(cifar: 
             assert 0.0 <= row[column] <= 1.0, (column, row)
         assert row["delta"] == pytest.approx(row["after"] - row["before"])
         assert row["delta_calibrated"] == pytest.approx(row["after_calibrated"] - row["before"])
+        assert row["after_top5"] >= row["after"] and row["before_top5"] >= row["before"]
     everything = result.rows[-1]
     assert everything["after"] > everything["before"] + 0.2, everything
     assert any("kWh per replaced class" in note and METHOD.search(note) for note in result.notes)
+    assert result.summary["strong_top1"] > result.summary["weak_top1"]
+    some = intra_replace(weak, resnet20, data, CONFIG, progress=False, classes=["cat", "ship"])
+    assert [r["class"] for r in some.rows] == ["cat", "ship"]  # no "all replaced" row: not all were
+    for row in some.rows:  # the same modules (decomposed alone or with all classes); float rounding aside
+        full = next(r for r in result.rows if r["class"] == row["class"])
+        assert row.keys() == full.keys()
+        for key in ("before", "after", "after_calibrated", "class_recall_after"):
+            assert row[key] == pytest.approx(full[key], abs=0.02), key
 
 
 @pytest.fixture(scope="module")
@@ -177,17 +190,20 @@ def test_repair_scenario_has_every_option(tiny_imagenet: Dataset) -> None:
     result = repair_scenario(tiny_imagenet, (GORILLA, GROOM), "resnet_tiny", 2, InputSpec.default((32, 32), 3),
                              CONFIG, noise=0.5, progress=False)
     confused = f"{GROOM}_as_{GORILLA}"
-    assert result.columns[:4] == ("option", "top1", "pair_accuracy", confused)
-    assert [r["option"][:1] for r in result.rows] == ["f", "1", "2", "3", "4"]
-    accuracies_ok(result, "top1", "pair_accuracy", confused)
+    assert result.columns[:5] == ("option", "top1", "top5", "pair_accuracy", confused)
+    assert [r["option"] for r in result.rows[:2]] == ["faulty parent (model)", "faulty (composed)"]
+    assert [r["option"][:1] for r in result.rows[2:]] == ["1", "2", "3", "4"]
+    accuracies_ok(result, "top1", "top5", "pair_accuracy", confused)
     for row in result.rows:
         energy_ok(row, "repair")
-    removed = result.rows[3]
+        assert row["top5"] >= row["top1"]
+    removed = result.rows[4]
     assert removed["option"] == "3 remove faulty module"
     # without the gorilla module no gorilla image is named right, and no groom is called a gorilla
     pair_test = tiny_imagenet.test.subset([GORILLA, GROOM])
     share_of_grooms = float(np.mean(pair_test.labels == 1))
     assert removed["pair_accuracy"] <= share_of_grooms + 1e-9
     assert removed[confused] == 0.0
-    assert result.rows[0]["repair_kwh"] > result.rows[3]["repair_kwh"]  # decomposing costs more than removing
+    assert result.rows[1]["repair_kwh"] > result.rows[4]["repair_kwh"]  # decomposing costs more than removing
+    assert result.rows[0]["repair_kwh"] > result.rows[1]["repair_kwh"]  # training the parent, more than both
     assert "trained 2 epochs with 50%" in result.notes[0] and METHOD.search(result.notes[0])

@@ -165,6 +165,7 @@ def register_commands() -> None:
         import_,
         inspect,
         predict,
+        reproduce,
         reuse,
         tradeoff,
         train,

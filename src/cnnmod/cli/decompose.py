@@ -1,4 +1,4 @@
-"""`cnnmod decompose`: one module per class, all classes in one pass over sample data."""
+"""`cnnmod decompose`: one module per class, all classes in one pass over sample data (also under torchrun)."""
 
 from __future__ import annotations
 
@@ -6,16 +6,29 @@ import time
 from pathlib import Path
 
 import click
+import numpy as np
 
-from ..decompose import GRANULARITIES, VARIANTS, DecomposeConfig
-from ..decompose import decompose as run_decompose
+from ..decompose import (
+    GRANULARITIES,
+    VARIANTS,
+    DecomposeConfig,
+    chosen_classes,
+    decompose_in_passes,
+    pass_classes,
+    plan_for,
+)
+from ..distributed import Shard, joined
 from ..energy import EnergyMeter
 from ..evaluate import relabel
+from ..memory import MemoryEstimate, estimate_decomposition, refusal, room
+from ..modules import Parent
 from ..outputs import check_output
+from ..progress import is_quiet
 from ..store import save_store
 from .app import cli, device_option, emit, json_option, reports_errors, split_classes
-from .common import ModelSource, data_options, describe_spec, model_options, open_dataset, open_parent, warn_resized
+from .common import ModelSource, data_options, describe_spec, model_options, open_parent, warn_resized
 from .params import COUNT, NON_NEGATIVE, SEED, FiniteFloat
+from .shards import open_dataset_once, total_energy
 
 
 @cli.command()
@@ -28,46 +41,129 @@ from .params import COUNT, NON_NEGATIVE, SEED, FiniteFloat
               help="Other-class inputs per CI input (TI); 0 disables.")
 @click.option("--rho", type=FiniteFloat(0.0, 1.0, open_high=True), default=0.0, show_default=True,
               help="Keep a node if its activity rate exceeds this.")
-@click.option("--granularity", type=click.Choice(GRANULARITIES), default="node", show_default=True)
+@click.option("--granularity", type=click.Choice(GRANULARITIES), default="node", show_default=True,
+              help="node masks, or whole channels (then only per-channel counts are kept: far less memory).")
 @click.option("--variant", type=click.Choice(VARIANTS), default="bi", show_default=True,
               help="ci = CI+TI+MC; bln adds backtracking to the last conv; bi backtracks to the input.")
 @click.option("--sites", type=click.Choice(["relu", "conv"]), default="relu", show_default=True)
 @click.option("--delta", type=NON_NEGATIVE, default=0.5, show_default=True, help="Head-weight threshold of MC-BLN.")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--batch-size", type=COUNT, default=256, show_default=True)
+@click.option("--classes-per-pass", type=COUNT, default=None,
+              help="Count at most this many classes at a time (each pass also observes every class's TI share): "
+                   "less memory, a little more time. Default: all in one pass.")
+@click.option("--keep-activity", is_flag=True,
+              help="Also save the activity counts in the store, which `cnnmod tradeoff` and `cnnmod reuse` need "
+                   "(integers: one to eight bytes per node, class and group).")
+@click.option("--method", type=click.Choice(["paper", "compact"]), default="paper", show_default=True,
+              help="paper: the parent masked per class (Pan & Rajan); compact: small modules, each its own "
+                   "network of the kept channels, fine-tuned from the parent (see docs/RESULTS.md).")
+@click.option("--stream-keep", type=FiniteFloat(0.0, 1.0, open_low=True), default=None,
+              help="compact: fraction of each residual stream's channels a module keeps [default: 0.5].")
+@click.option("--inner-keep", type=FiniteFloat(0.0, 1.0, open_low=True), default=None,
+              help="compact: fraction of every other channel space a module keeps [default: 0.5].")
+@click.option("--train-images", type=click.IntRange(min=0), default=None,
+              help="compact: training images of the joint fine-tune (0: none) [default: 8000].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @device_option
 @json_option
 @reports_errors
 def decompose(model: ModelSource, data_path: Path, data_format: str | None, classes: str | None,
               out: Path, samples_per_class: int, tangling_ratio: float, rho: float, granularity: str,
-              variant: str, sites: str, delta: float, seed: int, batch_size: int, overwrite: bool,
-              device: str | None, as_json: bool) -> None:
-    """Decompose MODEL into one module per class using the training split of --data."""
-    config = DecomposeConfig(samples_per_class, tangling_ratio, rho, granularity, variant, sites, delta, seed)
-    check_output(out, "store", overwrite)
-    chosen = split_classes(classes)
-    data = open_dataset(data_path, data_format, None, as_json)
-    parent = open_parent(model, data.classes, images=data.train.images)
-    labels = relabel(data.train.labels, data.train.classes, parent.classes)
-    images, labels = data.train.images[labels >= 0], labels[labels >= 0]
-    warn_resized(images, parent.input_spec, as_json)
-    start = time.perf_counter()
-    with EnergyMeter() as meter:
-        modules, activity = run_decompose(parent, images, labels, config, chosen,
-                                          batch_size, device, progress=not as_json)
-    seconds = time.perf_counter() - start
-    provenance = {"model": str(model), "data": str(data_path), "samples_observed": activity.num_samples,
-                  "seconds": seconds, "energy": meter.report.to_json()}
-    save_store(out, modules, activity, provenance, overwrite=overwrite)
-    jaccard = modules.jaccard()
-    emit(as_json,
-         {"store": str(out), "arch": parent.arch, "input_spec": parent.input_spec.to_json(),
-          "classes": list(modules.class_names), "config": config.to_json(),
-          "samples_observed": activity.num_samples, "seconds": seconds,
-          "jaccard_mean": float(jaccard.mean()),
-          "jaccard": dict(zip(modules.class_names, jaccard.tolist(), strict=True))},
-         f"wrote {out}: {len(modules)} modules of {parent.arch} from {activity.num_samples} samples in "
-         f"{seconds:.1f}s; mean Jaccard index {float(jaccard.mean()):.4f}\ninput: {describe_spec(parent.input_spec)}",
-         meter.report)
+              variant: str, sites: str, delta: float, seed: int, batch_size: int, classes_per_pass: int | None,
+              keep_activity: bool, method: str, stream_keep: float | None, inner_keep: float | None,
+              train_images: int | None, overwrite: bool, device: str | None, as_json: bool) -> None:
+    """Decompose MODEL into one module per class using the training split of --data.
 
+    Under `torchrun --nproc-per-node N -m cnnmod decompose ...` the N processes share the samples and sum their
+    counts; rank 0 writes the store, which equals the one a single process writes."""
+    if method == "compact":
+        from .decompose_compact import compact_config, decompose_compact
+
+        return decompose_compact(model, data_path, data_format, split_classes(classes), out,
+                                 compact_config(stream_keep, inner_keep, train_images, seed), overwrite, device,
+                                 as_json)
+    config = DecomposeConfig(samples_per_class, tangling_ratio, rho, granularity, variant, sites, delta, seed)
+    with joined(device) as (shard, device):
+        shard.first(lambda: check_output(out, "store", overwrite))
+        chosen = split_classes(classes)
+        data = open_dataset_once(shard, data_path, data_format, as_json)
+        parent = open_parent(model, data.classes, images=data.train.images)
+        labels = relabel(data.train.labels, data.train.classes, parent.classes)
+        images = data.train.images
+        if (labels < 0).any():  # a copy only when some images belong to classes the parent does not have
+            images, labels = images[labels >= 0], labels[labels >= 0]
+        if shard.main:
+            warn_resized(images, parent.input_spec, as_json)
+        estimate = _estimate(parent, labels, config, chosen, classes_per_pass, batch_size, keep_activity,
+                             shard, as_json)
+        start = time.perf_counter()
+        with EnergyMeter() as meter:
+            result = decompose_in_passes(parent, images, labels, config, chosen, batch_size, device,
+                                         progress=not as_json and shard.main, classes_per_pass=classes_per_pass,
+                                         keep_activity=keep_activity, shard=shard)
+        seconds = time.perf_counter() - start
+        energy = total_energy(shard, meter.report)
+        if not shard.main:
+            return
+        modules = result.modules
+        provenance = {"model": str(model), "data": str(data_path), "samples_observed": result.samples_observed,
+                      "seconds": seconds, "energy": energy.to_json(), "processes": shard.world,
+                      "passes": result.passes}
+        save_store(out, modules, result.activity, provenance, overwrite=overwrite)
+        jaccard = modules.jaccard()
+        emit(as_json,
+             {"store": str(out), "arch": parent.arch, "input_spec": parent.input_spec.to_json(),
+              "classes": list(modules.class_names), "config": config.to_json(),
+              "samples_observed": result.samples_observed, "seconds": seconds,
+              "seconds_by_step": result.seconds, "processes": shard.world,
+              "passes": result.passes, "memory_estimate": estimate.to_json(), "activity_kept": keep_activity,
+              "jaccard_mean": float(jaccard.mean()),
+              "jaccard": dict(zip(modules.class_names, jaccard.tolist(), strict=True))},
+             f"wrote {out}: {len(modules)} modules of {parent.arch} from {result.samples_observed} samples in "
+             f"{seconds:.1f}s{_how(shard, result.passes)}; mean Jaccard index {float(jaccard.mean()):.4f}\n"
+             f"input: {describe_spec(parent.input_spec)}",
+             energy)
+
+
+def _how(shard: Shard, passes: int) -> str:
+    parts = [f"{shard.world} processes"] if shard.world > 1 else []
+    if passes > 1:
+        parts.append(f"{passes} passes")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def _estimate(parent: Parent, labels: np.ndarray, config: DecomposeConfig, classes: list[str] | None,
+              classes_per_pass: int | None, batch_size: int, keep_activity: bool, shard: Shard,
+              as_json: bool) -> MemoryEstimate:
+    """Say how much memory the decomposition will need (stderr, rank 0), and refuse it when it will not fit, naming
+    the options that would make it fit."""
+    from ..decompose import CLASSES_PER_BACKTRACK
+
+    chosen = chosen_classes(parent, labels, classes)
+
+    def estimate(cfg: DecomposeConfig, per_pass: int | None, batch: int) -> MemoryEstimate:
+        plans = [plan_for(parent, labels, cfg, subset) for subset in pass_classes(chosen, per_pass)]
+        return estimate_decomposition(parent.model, cfg.sites, plans, cfg.granularity, batch, keep_activity,
+                                      CLASSES_PER_BACKTRACK)
+
+    found = estimate(config, classes_per_pass, batch_size)
+    if shard.main and not is_quiet():
+        click.echo(found.describe(), err=True)
+    share = room(shard.local_world)
+    if share is None or found.extra <= share:
+        return found
+    options: dict[str, MemoryEstimate] = {}
+    per_pass = classes_per_pass or len(chosen)
+    while per_pass > 1:  # the most classes per pass that fits, halving
+        per_pass = max(1, per_pass // 2)
+        smaller = estimate(config, per_pass, batch_size)
+        if smaller.extra <= share:
+            options[f"--classes-per-pass {per_pass}"] = smaller
+            break
+    if config.granularity == "node":
+        options["--granularity channel"] = estimate(config.replace(granularity="channel"), classes_per_pass,
+                                                    batch_size)
+    if batch_size > 32:
+        options["--batch-size 32"] = estimate(config, classes_per_pass, 32)
+    raise refusal(found, share, options, shard.local_world)

@@ -16,6 +16,7 @@ from ..evaluate import evaluate as run_evaluate
 from ..evaluate import overlap_matrix
 from ..modules import Parent
 from ..outputs import check_output, write_report_folder
+from ..paper.report import REPORT_EXTRA, has_matplotlib, write_report
 from ..store import save_store
 from ..zoo import load_model_file
 from .app import cli, device_option, emit, json_option, reports_errors
@@ -37,7 +38,8 @@ def demo(out_dir: Path, samples_per_class: int, device: str | None, as_json: boo
     """Decompose the embedded Fashion-MNIST CNN, compose its modules, and compare them with it.
 
     Writes OUT/store and OUT/report; a previous demo's store and report there are replaced, anything else is
-    left alone (and refused)."""
+    left alone (and refused). The report's plots need matplotlib (pip install 'cnnmod[report]'); without it
+    the report holds the tables only."""
     check_output(out_dir / "store", "store", overwrite=True)
     check_output(out_dir / "report", "report", overwrite=True)
     assets = resources.files("cnnmod") / "assets"
@@ -57,8 +59,15 @@ def demo(out_dir: Path, samples_per_class: int, device: str | None, as_json: boo
                                                                "data": f"cnnmod/assets/{SAMPLE}",
                                                                "seconds": seconds}, overwrite=True)
     result = run_evaluate(modules, data.test.images, data.test.labels, device=device, progress=not as_json)
+    plots = has_matplotlib()
     with write_report_folder(out_dir / "report", True, "demo") as tmp:
-        write_evaluation_report(tmp, "embedded Fashion-MNIST CNN", result, overlap_matrix(modules).numpy())
+        if plots:
+            write_evaluation_report(tmp, "embedded Fashion-MNIST CNN", result, overlap_matrix(modules).numpy())
+        else:
+            write_report(tmp / "report.md", "cnnmod evaluation: embedded Fashion-MNIST CNN",
+                         [("Results", format_evaluation(result))])
+    if not plots:
+        click.echo(f"note: the report has no plots: they need matplotlib ({REPORT_EXTRA})", err=True)
     report = out_dir / "report" / "report.md"
     payload = {**result.to_json(), "store": str(store), "report": str(report), "decompose_seconds": seconds,
                "energy_steps": {k: v.to_json() for k, v in meter.steps.items()}}

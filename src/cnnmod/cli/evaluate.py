@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..compose import SCORINGS
+from ..distributed import joined
 from ..energy import EnergyMeter
 from ..errors import CnnmodError
 from ..evaluate import Evaluation, overlap_matrix, relabel
@@ -14,8 +15,9 @@ from ..evaluate import evaluate as run_evaluate
 from ..outputs import check_output, write_report_folder
 from ..store import load_store
 from .app import cli, device_option, emit, json_option, reports_errors, split_classes
-from .common import data_options, open_dataset, warn_resized
+from .common import data_options, warn_resized
 from .params import COUNT
+from .shards import open_dataset_once, total_energy
 
 
 @cli.command()
@@ -34,30 +36,39 @@ from .params import COUNT
 def evaluate(store: Path, data_path: Path, data_format: str | None, classes: str | None, scoring: str,
              split: str, limit: int | None, batch_size: int, report_dir: Path | None, overwrite: bool,
              device: str | None, as_json: bool) -> None:
-    """Compare the parent with the classifier composed from STORE's modules (or --classes of them)."""
-    if report_dir is not None:
-        check_output(report_dir, "report", overwrite)
-    modules = load_store(store, with_activity=False).modules
-    chosen = split_classes(classes)
-    if chosen:
-        modules = modules.select(chosen)
-    data = getattr(open_dataset(data_path, data_format, None, as_json), split).spread(limit)
-    warn_resized(data.images, modules.parent.input_spec, as_json)
-    labels = relabel(data.labels, data.classes, modules.class_names)
-    if not (labels >= 0).any():
-        raise CnnmodError(f"the {split} split of {data_path} has no images of the modules' classes "
-                          f"({', '.join(modules.class_names[:5])}{', ...' if len(modules) > 5 else ''})")
-    images = data.images
-    with EnergyMeter() as meter:
-        result = run_evaluate(modules, images, labels, scoring, batch_size, device, progress=not as_json)
-    if report_dir is not None:
-        with write_report_folder(report_dir, overwrite, "evaluation") as tmp:
-            write_evaluation_report(tmp, str(store), result, overlap_matrix(modules).numpy())
-    emit(as_json, result.to_json(), format_evaluation(result), meter.report)
+    """Compare the parent with the classifier composed from STORE's modules (or --classes of them).
+
+    Under `torchrun --nproc-per-node N -m cnnmod evaluate ...` the N processes share the images; rank 0 prints
+    and writes the report."""
+    with joined(device) as (shard, device):
+        if report_dir is not None:
+            shard.first(lambda: check_output(report_dir, "report", overwrite))
+        modules = load_store(store, with_activity=False).modules
+        chosen = split_classes(classes)
+        if chosen:
+            modules = modules.select(chosen)
+        data = getattr(open_dataset_once(shard, data_path, data_format, as_json), split).spread(limit)
+        if shard.main:
+            warn_resized(data.images, modules.parent.input_spec, as_json)
+        labels = relabel(data.labels, data.classes, modules.class_names)
+        if not (labels >= 0).any():
+            raise CnnmodError(f"the {split} split of {data_path} has no images of the modules' classes "
+                              f"({', '.join(modules.class_names[:5])}{', ...' if len(modules) > 5 else ''})")
+        images = data.images
+        with EnergyMeter() as meter:
+            result = run_evaluate(modules, images, labels, scoring, batch_size, device,
+                                  progress=not as_json and shard.main, shard=shard)
+        energy = total_energy(shard, meter.report)
+        if not shard.main:
+            return
+        if report_dir is not None:
+            with write_report_folder(report_dir, overwrite, "evaluation") as tmp:
+                write_evaluation_report(tmp, str(store), result, overlap_matrix(modules).numpy())
+        emit(as_json, result.to_json(), format_evaluation(result), energy)
 
 
 def format_evaluation(result: Evaluation) -> str:
-    from ..report import markdown_table
+    from ..tables import markdown_table
 
     rows = [["parent", result.parent.top1, result.parent.top5, "", ""]]
     for name, acc in result.composed.items():
@@ -73,7 +84,7 @@ def format_evaluation(result: Evaluation) -> str:
 
 
 def write_evaluation_report(folder: Path, title: str, result: Evaluation, overlap) -> Path:  # type: ignore[no-untyped-def]
-    from ..report import plot_overlap_heatmap, plot_per_class_accuracy, write_report
+    from ..paper.report import plot_overlap_heatmap, plot_per_class_accuracy, write_report
 
     classes = [m.cls for m in result.modules]
     accuracy = plot_per_class_accuracy(folder / "per_class_accuracy.png", classes,

@@ -16,9 +16,10 @@ import click
 from ..data import Dataset
 from ..decompose import DecomposeConfig
 from ..errors import CnnmodError
-from ..experiments import Experiment
 from ..inputs import InputSpec
 from ..outputs import check_output, write_report_folder
+from ..paper.experiments import Experiment
+from ..paper.report import require_matplotlib
 from .app import cli, device_option, emit, json_option, reports_errors
 from .common import MODEL, ModelSource, open_dataset, open_parent
 from .params import COUNT, RATE, SEED
@@ -52,7 +53,7 @@ class ReportTarget:
 def _finish(result: Experiment, out: ReportTarget | None, energy_keys: dict[str, str], label_key: str,
             as_json: bool) -> None:
     from ..fileio import atomic_write_text
-    from ..report import plot_energy
+    from ..paper.report import plot_energy
 
     payload: dict[str, Any] = result.to_json()
     if out is not None:
@@ -110,6 +111,7 @@ def with_common(f):  # type: ignore[no-untyped-def]
     def checked_out(*args: Any, out: Path | None, overwrite: bool, **kwargs: Any) -> Any:
         if out is not None:
             check_output(out, "report", overwrite)
+            require_matplotlib("cnnmod experiment --out (its energy plot)")
         return f(*args, out=ReportTarget(out, overwrite) if out is not None else None, **kwargs)
 
     wrapped = checked_out
@@ -129,7 +131,7 @@ def with_common(f):  # type: ignore[no-untyped-def]
 def intra_reuse(model: Path, arch: str, data_path: Path, pairs: str, epochs: int, samples_per_class: int, seed: int,
                 out: ReportTarget | None, device: str | None, as_json: bool) -> None:
     """Table 2: a parent's modules for a class pair, composed, vs the same architecture trained on the pair."""
-    from ..experiments import intra_reuse as run
+    from ..paper.experiments import intra_reuse as run
 
     data = open_dataset(data_path, None, None, as_json)
     parent = open_parent(_source(model, arch), data.classes)
@@ -149,7 +151,7 @@ def inter_reuse(model_a: Path, arch_a: str, data_a: Path, model_b: Path | None, 
                 pairs: str, calibration_samples: int, epochs: int, samples_per_class: int, seed: int,
                 out: ReportTarget | None, device: str | None, as_json: bool) -> None:
     """Table 3: modules from two datasets composed, with and without continuous learning, vs training."""
-    from ..experiments import inter_reuse as run
+    from ..paper.experiments import inter_reuse as run
 
     da, db = open_dataset(data_a, None, None, as_json), open_dataset(data_b, None, None, as_json)
     pa = open_parent(_source(model_a, arch_a), da.classes)
@@ -188,7 +190,7 @@ def intra_replace(weak: Path, weak_arch: str | None, strong: Path, strong_arch: 
                   limit: int | None, epochs: int, samples_per_class: int, seed: int, out: ReportTarget | None,
                   device: str | None, as_json: bool) -> None:
     """Table 4: a weaker parent's composed modules, each replaced by a stronger parent's module."""
-    from ..experiments import intra_replace as run
+    from ..paper.experiments import intra_replace as run
 
     data = open_dataset(data_path, None, None, as_json)
     if limit:
@@ -213,7 +215,7 @@ def inter_replace(model_a: Path, arch_a: str, data_a: Path, model_b: Path | None
                   replacements: str, limit: int, epochs: int, samples_per_class: int, seed: int,
                   out: ReportTarget | None, device: str | None, as_json: bool) -> None:
     """Table 5: a module replaced by another dataset's module for another class."""
-    from ..experiments import inter_replace as run
+    from ..paper.experiments import inter_replace as run
 
     da, db = open_dataset(data_a, None, None, as_json), open_dataset(data_b, None, None, as_json)
     da = _spread(da, limit)
@@ -243,7 +245,7 @@ GORILLA, GROOM = "n02480855", "n10148035"
 def repair(data_path: Path, pair: str, class_count: int, arch: str, input_size: int, noise: float, epochs: int,
            samples_per_class: int, seed: int, out: ReportTarget | None, device: str | None, as_json: bool) -> None:
     """Table 6: a parent that confuses a class pair, and the four ways to repair its composed classifier."""
-    from ..experiments import repair_scenario
+    from ..paper.experiments import repair_scenario
 
     (wrong, right), = _pairs(pair)
     full = open_dataset(data_path, None, None, as_json)

@@ -35,17 +35,20 @@ def inspect(model: ModelSource | None, list_zoo: bool, as_json: bool) -> None:
 
 
 def _inspect_store(path: Path, as_json: bool) -> None:
-    from ..store import load_store
+    from ..compactstore import module_sizes
+    from ..store import load_store, read_manifest
 
     store = load_store(path, with_activity=False)
     m = store.modules
     sites = [{"name": s.name, "shape": list(s.shape), "nodes": s.numel} for s in m.sites]
     jaccard = m.jaccard().tolist()
+    parent_size, sizes = module_sizes(path, read_manifest(path), m)
     payload = {
         "store": str(path), "arch": m.parent.arch, "parent_classes": list(m.parent.classes),
         "input_spec": m.parent.input_spec.to_json(), "config": m.config, "sites": sites,
-        "nodes_per_module": sum(s.numel for s in m.sites),
-        "modules": [{"class": c, "jaccard": j} for c, j in zip(m.class_names, jaccard, strict=True)],
+        "nodes_per_module": sum(s.numel for s in m.sites), "parent": parent_size,
+        "modules": [{"class": c, "jaccard": j, **size}
+                    for c, j, size in zip(m.class_names, jaccard, sizes, strict=True)],
         "provenance": store.provenance,
     }
     lines = [f"store {path}: {len(m)} modules of {m.parent.arch} ({len(m.parent.classes)} classes, input "
@@ -55,7 +58,11 @@ def _inspect_store(path: Path, as_json: bool) -> None:
     conservative = m.config.get("conservative_ops") or []
     if conservative:  # recorded by the decomposition: no exact dependency pattern, all inputs kept
         lines.append(f"backtracked conservatively (every input kept): {', '.join(conservative)}")
-    lines += [f"  {c:20s} Jaccard {j:.4f}" for c, j in zip(m.class_names, jaccard, strict=True)]
+    lines.append(f"parent: {parent_size['parameters']} parameters, {parent_size['macs']} MACs per image, "
+                 f"{parent_size['file_bytes']} bytes")
+    lines += [f"  {c:20s} Jaccard {j:.4f}  parameters {s['parameters_fraction']:.1%}  MACs {s['macs_fraction']:.1%}  "
+              f"file {s['file_bytes_fraction']:.1%}{'' if s['standalone'] else ' (masks: runs with the parent)'}"
+              for c, j, s in zip(m.class_names, jaccard, sizes, strict=True)]
     emit(as_json, payload, "\n".join(lines))
 
 

@@ -38,7 +38,7 @@ def predict(source: Path, paths: tuple[Path, ...], top_k: int, batch_size: int, 
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return
-    from ..report import markdown_table
+    from ..tables import markdown_table
 
     channels, size = input_format(composed)
     rows = [[r["image"], r["label"], r["score"], ", ".join(f"{lab} {score:.4f}" for lab, score in r["top"])]

@@ -15,7 +15,7 @@ from ..inputs import as_format
 from ..modules import ModuleSet
 from ..outputs import check_output
 from ..reuse import activity_on, forget, own_activity, recalibrate
-from ..store import load_store, save_composition
+from ..store import load_store, require_activity, save_composition
 from .app import cli, device_option, emit, json_option, reports_errors
 from .common import open_dataset
 from .params import COUNT, SEED
@@ -46,9 +46,10 @@ def reuse(sources: tuple[str, ...], data_paths: tuple[Path, ...], out: Path, ove
     activities = []
     for source, data_path in zip(sources, data_paths, strict=True):
         store_path, _, spec = source.partition(":")
+        require_activity(store_path, "cnnmod reuse")
         store = load_store(store_path)
         if store.activity is None:
-            raise CnnmodError(f"{store_path} holds no activity counts; decompose it again")
+            raise CnnmodError(f"{store_path} holds no activity counts; decompose it with --keep-activity")
         modules = store.modules.select(spec.split(",")) if spec else store.modules
         train = open_dataset(data_path, None, None, as_json).train
         groups.append(modules)

@@ -10,7 +10,8 @@ import click
 from ..decompose import GRANULARITIES
 from ..errors import CnnmodError
 from ..outputs import check_output, write_report_folder
-from ..tradeoff import sweep
+from ..paper.tradeoff import sweep
+from ..store import require_activity
 from .app import cli, device_option, emit, json_option, reports_errors
 from .common import data_options, open_dataset
 from .params import COUNT, FiniteFloat, FloatList
@@ -35,10 +36,12 @@ def tradeoff(store: Path, data_path: Path, data_format: str | None, classes: str
              granularities: str, limit: int | None, batch_size: int, out_dir: Path | None, overwrite: bool,
              device: str | None, as_json: bool) -> None:
     """Composed top-1 and mean Jaccard index for each rho and granularity, without a new pass over data."""
-    from ..report import markdown_table, plot_tradeoff, write_report
+    from ..paper.report import markdown_table, plot_tradeoff, require_matplotlib, write_report
 
+    require_activity(store, "cnnmod tradeoff")
     if out_dir is not None:
         check_output(out_dir, "report", overwrite)
+        require_matplotlib("cnnmod tradeoff --out (its plot)")
     grans = [g.strip() for g in granularities.split(",") if g.strip()]
     unknown = [g for g in grans if g not in GRANULARITIES]
     if not grans or unknown:

@@ -8,7 +8,7 @@ import click
 
 from ..decompose import DecomposeConfig
 from ..evaluate import relabel
-from ..variants import compare_variants
+from ..paper.variants import compare_variants
 from .app import cli, device_option, emit, json_option, reports_errors
 from .common import ModelSource, data_options, model_options, open_dataset, open_parent
 from .params import COUNT, NON_NEGATIVE, SEED
@@ -29,7 +29,7 @@ def variants(model: ModelSource, data_path: Path, data_format: str | None, class
              samples_per_class: int, tangling_ratio: float, seed: int, limit: int | None, batch_size: int,
              device: str | None, as_json: bool) -> None:
     """Decompose MODEL with every variant and site kind and compare each composition with the parent."""
-    from ..report import markdown_table
+    from ..tables import markdown_table
 
     data = open_dataset(data_path, data_format, None, as_json)
     parent = open_parent(model, data.classes, images=data.train.images)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import warnings
 import zipfile
@@ -49,13 +50,61 @@ def load_cached(cache_dir: Path, key: str) -> tuple[ImageSet, ImageSet] | None:
     if not file.is_file():
         return None
     try:
-        with np.load(file, allow_pickle=False) as z:
-            a = {k: z[k] for k in _ARRAYS}
+        a = _mapped_arrays(file)
         classes = tuple(str(c) for c in a["classes"].tolist())
         return (ImageSet(a["train_images"], a["train_labels"], classes),
                 ImageSet(a["test_images"], a["test_labels"], classes))
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, DataError):
         return None  # corrupt or from another layout: decode again and overwrite it
+
+
+_IMAGES = ("train_images", "test_images")
+_LOCAL_HEADER = 30  # bytes of a zip local file header before its name and extra field
+
+
+def _mapped_arrays(file: Path) -> dict[str, np.ndarray]:
+    """The cache file's arrays, images memory-mapped (copy-on-write) from the uncompressed .npz: a command then holds
+    in memory only the images it reads, not the whole dataset. Labels and classes are read."""
+    with np.load(file, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in _ARRAYS if k not in _IMAGES}
+    with zipfile.ZipFile(file) as archive, open(file, "rb") as f:
+        for key in _IMAGES:
+            info = archive.getinfo(f"{key}.npy")
+            if info.compress_type != zipfile.ZIP_STORED:
+                with np.load(file, allow_pickle=False) as z:
+                    arrays[key] = z[key]
+                continue
+            f.seek(info.header_offset)
+            header = f.read(_LOCAL_HEADER)
+            if header[:4] != b"PK\x03\x04":
+                raise ValueError(f"{file}: no zip member header at {info.header_offset}")
+            name_length = int.from_bytes(header[26:28], "little")
+            extra_length = int.from_bytes(header[28:30], "little")
+            f.seek(info.header_offset + _LOCAL_HEADER + name_length + extra_length)
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+            if dtype.hasobject or fortran:
+                raise ValueError(f"{file}: {key} is not a plain array")
+            arrays[key] = np.memmap(f, dtype=dtype, mode="c", offset=f.tell(), shape=shape) if int(np.prod(shape)) \
+                else np.zeros(shape, dtype=dtype)
+    return arrays
+
+
+def release_mapped_pages(images: np.ndarray) -> None:
+    """Unmap the pages of a memory-mapped cache array that reading has mapped so far (they stay in the page cache,
+    and a later read maps them again). The kernel maps pages around each one read, so reading every fifth image
+    would otherwise hold the whole file in the process's resident memory. A no-op for arrays in memory."""
+    base: object = images
+    while base is not None and not isinstance(base, np.memmap):
+        base = getattr(base, "base", None)
+    mapped = getattr(base, "_mmap", None)
+    if mapped is not None and hasattr(mapped, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            mapped.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):
+            pass
 
 
 def _is_cache_file(path: Path) -> bool:

@@ -29,11 +29,12 @@ _UNCACHED = ("npz",)  # already arrays on disk: a cache copy would only double t
 
 
 def load_dataset(path: str | Path, format: str | None = None, classes: Sequence[str] | None = None,
-                 cache_dir: Path | None = None, progress: bool = True) -> Dataset:
+                 cache_dir: Path | None = None, progress: bool = True, write_cache: bool = True) -> Dataset:
     """Read a dataset in any of FORMATS (detected from `path` unless `format` names one).
 
     Decoded arrays are cached under `cache_dir` (default $CNNMOD_CACHE or ~/.cache/cnnmod), so a second load
-    reads one .npz. `classes` keeps those classes only, relabelled 0..k-1 in the order given.
+    reads one .npz (memory-mapped: only the images read take memory); without `write_cache` a cache is read but
+    never written. `classes` keeps those classes only, relabelled 0..k-1 in the order given.
     """
     path = Path(path).expanduser()
     if path.is_file() and is_idx_name(path.name):
@@ -51,7 +52,7 @@ def load_dataset(path: str | Path, format: str | None = None, classes: Sequence[
         sets = load_cached(directory, key)
     if sets is None:
         sets = _READERS[format](path, progress)
-        if format not in _UNCACHED:
+        if format not in _UNCACHED and write_cache:
             save_cached(directory, key, *sets)
     dataset = Dataset(dataset_stem(path), *sets)
     return dataset if classes is None else dataset.subset(classes)

@@ -1,9 +1,13 @@
-"""Figures and a Markdown report from plain numbers: per-class accuracy, module overlap, size vs accuracy.
+"""Figures and a Markdown report from plain numbers: per-class accuracy, module overlap, size vs accuracy,
+module sizes, energy.
 
 Everything here takes lists or numpy arrays, never tensors, so reports can be rebuilt from saved JSON.
 Plots draw on a `matplotlib.figure.Figure` with the Agg canvas directly: no pyplot, no backend switch, no
 global figure state, so a caller that already uses pyplot interactively is left as it was. Accuracies come
 in as fractions in [0, 1] (what `cnnmod.metrics` returns) and are drawn as percentages.
+
+matplotlib is an optional extra (`pip install 'cnnmod[report]'`): it is imported when a plot is drawn, and a
+missing one is a one-line CnnmodError. Markdown needs nothing beyond numpy.
 
 Every file is written to a temporary file in its destination folder and renamed into place, so a failed
 write never leaves a half-written figure or report behind.
@@ -16,22 +20,31 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
-from cnnmod.errors import StoreError
+from cnnmod.errors import CnnmodError, StoreError
 from cnnmod.fileio import atomic_write_bytes
+from cnnmod.tables import markdown_table
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
+    "REPORT_EXTRA",
+    "has_matplotlib",
     "markdown_table",
+    "plot_energy",
+    "plot_module_sizes",
     "plot_overlap_heatmap",
     "plot_per_class_accuracy",
     "plot_tradeoff",
+    "require_matplotlib",
     "write_report",
 ]
+
+REPORT_EXTRA = "pip install 'cnnmod[report]'"
 
 _DPI = 120
 _ANNOTATE_MAX_CLASSES = 12
@@ -51,8 +64,34 @@ def _write(path: Path, data: bytes) -> None:
     atomic_write_bytes(path, data)
 
 
+def has_matplotlib() -> bool:
+    """Whether the optional plotting library can be imported."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def require_matplotlib(what: str = "plotting") -> None:
+    """Raise the one-line error that says how to install the plotting extra, unless matplotlib imports."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise CnnmodError(f"{what} needs matplotlib: {REPORT_EXTRA}") from None
+
+
+def _figure(figsize: tuple[float, float], dpi: int = _DPI) -> Figure:
+    require_matplotlib("plotting")
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize, dpi=dpi)
+
+
 def _save_figure(fig: Figure, path: Path | str) -> Path:
     """Render `fig` to PNG in memory, then write it atomically; the figure is cleared either way."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     path = Path(path)
     try:
         canvas = FigureCanvasAgg(fig)
@@ -111,7 +150,7 @@ def plot_per_class_accuracy(
     parent = _fractions("parent_recall", parent_recall, n) * 100.0
     composed = _fractions("composed_recall", composed_recall, n) * 100.0
 
-    fig = Figure(figsize=(_scaled(0.45, n, 2.0, 6.0), 4.5 if n <= 10 else 5.5), dpi=_DPI)
+    fig = _figure((_scaled(0.45, n, 2.0, 6.0), 4.5 if n <= 10 else 5.5))
     ax = fig.add_subplot()
     x = np.arange(n)
     width = 0.4
@@ -150,7 +189,7 @@ def plot_overlap_heatmap(
     _fractions("overlap", matrix.reshape(-1))
 
     side = _scaled(0.4, n, 2.5, 4.5)
-    fig = Figure(figsize=(side + 1.2, side), dpi=_DPI)  # extra width for the colorbar
+    fig = _figure((side + 1.2, side))  # extra width for the colorbar
     ax = fig.add_subplot()
     image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="Jaccard overlap")
@@ -207,7 +246,7 @@ def plot_tradeoff(path: Path | str, rows: Sequence[Mapping[str, Any]], title: st
             "plot results of one parent model at a time"
         )
 
-    fig = Figure(figsize=(7.0, 5.0), dpi=_DPI)
+    fig = _figure((7.0, 5.0))
     ax = fig.add_subplot()
     for granularity, points in groups.items():
         points.sort()
@@ -229,47 +268,6 @@ def plot_tradeoff(path: Path | str, rows: Sequence[Mapping[str, Any]], title: st
 
 
 # ---------------------------------------------------------------------------------------------- markdown
-
-
-def _format_float(value: float) -> str:
-    """Four significant digits; positional for everyday magnitudes, scientific for tiny or huge ones."""
-    if not math.isfinite(value):
-        return str(value)  # nan, inf, -inf
-    if value == 0.0 or 1e-4 <= abs(value) < 1e6:
-        return np.format_float_positional(value, precision=4, unique=True, fractional=False, trim="-")
-    return f"{value:.4g}"
-
-
-def _cell(value: object) -> str:
-    if isinstance(value, str):
-        text = value
-    elif isinstance(value, float | np.floating):
-        text = _format_float(float(value))
-    else:
-        text = str(value)
-    return text.replace("\r\n", " ").replace("\n", " ").replace("|", "\\|")
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A GitHub-flavoured Markdown table, ending in a newline.
-
-    Floats (Python or numpy) get four significant digits (0.93124 -> "0.9312", 123.456 -> "123.5"); strings
-    are kept as given, other values go through str(). Pipes are escaped and newlines become spaces.
-    """
-    if not headers:
-        raise ValueError("a table needs at least one header")
-    width = len(headers)
-    lines = [
-        "| " + " | ".join(_cell(h) for h in headers) + " |",
-        "|" + "|".join(" --- " for _ in headers) + "|",
-    ]
-    for i, row in enumerate(rows):
-        if len(row) != width:
-            raise ValueError(
-                f"row {i} has {len(row)} cells but there are {width} headers; pass one cell per header"
-            )
-        lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def _one_line(text: str) -> str:
@@ -316,23 +314,58 @@ def write_report(
 
 
 def plot_energy(path: Path | str, labels: Sequence[str], series: Mapping[str, Sequence[float]],
-                title: str = "") -> Path:
-    """Grouped bars, log scale: energy (kWh) of each way to build each classifier (the paper's Figure 6)."""
+                title: str = "", ylabel: str = "energy (kWh, log scale)") -> Path:
+    """Grouped bars, log scale: energy (kWh) of each way to build each classifier (the paper's Figure 6).
+
+    Values must be positive (a log scale has no zero); `ylabel` names another positive quantity (CO2e)."""
     count = len(labels)
-    fig = Figure(figsize=(max(6.0, 1.2 * count + 2), 4.5))
+    if count == 0:
+        raise ValueError("no bars to plot; pass at least one label")
+    for name, values in series.items():
+        if len(values) != count:
+            raise ValueError(f"series {name!r} has {len(values)} values for {count} labels")
+    fig = _figure((max(6.0, 1.2 * count + 2), 4.5))
     ax = fig.add_subplot(1, 1, 1)
     width = 0.8 / max(len(series), 1)
     x = np.arange(count)
     for i, (name, values) in enumerate(series.items()):
-        if len(values) != count:
-            raise ValueError(f"series {name!r} has {len(values)} values for {count} labels")
         ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=name)
     ax.set_yscale("log")
-    ax.set_ylabel("energy (kWh, log scale)")
+    ax.set_ylabel(ylabel)
     ax.set_xticks(x)
     ax.set_xticklabels(labels, rotation=30 if count > 4 else 0, ha="right" if count > 4 else "center")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
     ax.legend()
     if title:
         ax.set_title(title)
-    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+def plot_module_sizes(path: Path | str, classes: Sequence[str], jaccard: Sequence[float] | np.ndarray,
+                      kept_parameters: Sequence[float] | np.ndarray, title: str = "") -> Path:
+    """Grouped bars per module: its Jaccard index (kept-node fraction) and its kept-parameter fraction, in %."""
+    n = len(classes)
+    if n == 0:
+        raise ValueError("no classes to plot; pass at least one class name")
+    nodes = _fractions("jaccard", jaccard, n) * 100.0
+    params = _fractions("kept_parameters", kept_parameters, n) * 100.0
+    fig = _figure((_scaled(0.45, n, 2.0, 6.0), 4.5 if n <= 10 else 5.5))
+    ax = fig.add_subplot()
+    x = np.arange(n)
+    width = 0.4
+    ax.bar(x - width / 2, nodes, width, label="kept nodes (Jaccard index)", color="#55a868")
+    ax.bar(x + width / 2, params, width, label="kept parameters", color="#8172b2")
+    ax.set_xlim(-0.6, n - 0.4)
+    ax.set_ylim(0.0, 105.0)
+    ax.set_ylabel("share of the parent (%)")
+    ax.set_xlabel("module")
+    if n <= _TICK_LABELS_MAX_CLASSES:
+        rotation, align = (0, "center") if n <= 6 else (45, "right") if n <= 20 else (90, "center")
+        ax.set_xticks(x, [str(c) for c in classes], rotation=rotation, ha=align, fontsize=_tick_font(n))
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.legend(loc="lower right")
+    if title:
+        ax.set_title(title)
     return _save_figure(fig, path)

@@ -10,14 +10,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import ImageSet
-from .decompose import DecomposeConfig, derive_modules
-from .errors import CnnmodError
-from .evaluate import relabel
-from .metrics import parameter_counts, topk_accuracy
-from .modules import score_from_logits
-from .progress import show_progress
-from .store import load_store
+from ..data import ImageSet
+from ..decompose import DecomposeConfig, derive_modules
+from ..errors import CnnmodError
+from ..evaluate import relabel
+from ..metrics import parameter_counts, topk_accuracy
+from ..modules import score_from_logits
+from ..progress import show_progress
+from ..store import load_store
 
 
 @dataclass(frozen=True)

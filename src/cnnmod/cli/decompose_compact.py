@@ -1,0 +1,75 @@
+"""`cnnmod decompose --method compact`: small modules, each its own network (cnnmod.compact)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+from tqdm.auto import tqdm
+
+from ..compact import CompactConfig, compact_decompose, cost_record, module_set, training_epoch_estimate
+from ..energy import EnergyMeter
+from ..evaluate import relabel
+from ..modules import resolve_device
+from ..outputs import check_output
+from ..progress import show_progress
+from ..store import save_store
+from .app import emit
+from .common import ModelSource, describe_spec, open_dataset, open_parent, warn_resized
+
+
+def compact_config(stream_keep: float | None, inner_keep: float | None, train_images: int | None,
+                   seed: int) -> CompactConfig:
+    """The compact method's configuration: the defaults, with what the command line set."""
+    given = {"stream_keep": stream_keep, "inner_keep": inner_keep, "train_images": train_images}
+    return CompactConfig(seed=seed, **{k: v for k, v in given.items() if v is not None})
+
+
+def decompose_compact(model: ModelSource, data_path: Path, data_format: str | None, chosen: list[str] | None,
+                      out: Path, config: CompactConfig, overwrite: bool, device: str | None, as_json: bool) -> None:
+    check_output(out, "store", overwrite)
+    if resolve_device(device).type != "cpu":
+        click.echo("note: --method compact runs on the CPU", err=True)
+    data = open_dataset(data_path, data_format, None, as_json)
+    parent = open_parent(model, data.classes, images=data.train.images)
+    labels = relabel(data.train.labels, data.train.classes, parent.classes)
+    images, labels = data.train.images[labels >= 0], labels[labels >= 0]
+    warn_resized(images, parent.input_spec, as_json)
+    classes = [parent.class_index(c) for c in chosen] if chosen else list(range(parent.num_classes))
+    bar = tqdm(total=config.train_images, desc="fine-tuning", unit="img", disable=not show_progress(not as_json),
+               leave=False)
+
+    def progress(stage: str, seen: int, total: int, loss: float) -> None:
+        bar.update(seen - bar.n)
+        bar.set_postfix(loss=f"{loss:.3f}")
+
+    start = time.perf_counter()
+    with EnergyMeter() as meter:
+        result = compact_decompose(parent, images, labels, config, classes, progress)
+    bar.close()
+    seconds = time.perf_counter() - start
+    epoch = training_epoch_estimate(parent, images, labels, seed=config.seed)
+    cost = cost_record(result.cost, meter.report.to_json(), epoch)
+    modules = module_set(parent, result.plan, list(result.keeps), list(result.nets), classes,
+                         config.to_json(), None, "exact")
+    provenance = {"model": str(model), "data": str(data_path), "method": "compact",
+                  "samples_observed": cost["images_seen"], "seconds": seconds, "energy": meter.report.to_json(),
+                  "cost": cost}
+    save_store(out, modules, None, provenance, overwrite=overwrite)
+    params = [p for p, _ in modules.compact.parameters_per_module(tuple(parent.model.input_shape))]
+    from ..channels import parent_cost
+
+    parent_params = parent_cost(parent.model)[0]
+    kept = sum(params) / len(params) / parent_params
+    share = cost["fraction_of_parent_training_energy"]
+    emit(as_json,
+         {"store": str(out), "arch": parent.arch, "input_spec": parent.input_spec.to_json(), "method": "compact",
+          "classes": list(modules.class_names), "config": config.to_json(), "seconds": seconds,
+          "kept_parameters_mean": kept, "jaccard_mean": float(modules.jaccard().mean()), "cost": cost},
+         f"wrote {out}: {len(modules)} compact modules of {parent.arch} in {seconds:.1f}s; each keeps "
+         f"{kept:.1%} of the parent's parameters on average\ncost: {cost['images_seen']} images seen, "
+         f"{cost['energy']['kwh']:.6f} kWh = {share:.2%} of training the parent for 200 epochs "
+         f"({cost['parent_training']['kwh']:.4f} kWh, estimated from {epoch['measured_images']} training images)\n"
+         f"input: {describe_spec(parent.input_spec)}",
+         meter.report)

@@ -1,0 +1,319 @@
+"""Compact modules: channel spaces, materialised small networks, engines, and their store files.
+
+The fixture net has integer weights and inputs, so every sum is exact in float32 and "equal" means bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnmod import channels as ch
+from cnnmod.compact import module_set
+from cnnmod.compactstore import build_shared, load_module_network, trunk_network
+from cnnmod.engines import CompactNets, EngineResult, choose_engine, union_keeps
+from cnnmod.errors import CnnmodError, StoreError
+from cnnmod.fileio import sha256_file
+from cnnmod.modules import ModuleSet
+from cnnmod.store import load_store, save_store
+from fixtures.nets import parent_of
+
+
+class TinyResidual(nn.Module):
+    """stem 1->4; block 4->3->4 added to the stem (a residual tie); stride-2 stage 4->6 whose shortcut pads the
+    4 channels into 6 (option A, one on each side); global average pool; head 6->3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv_a = nn.Conv2d(4, 3, 3, padding=1)
+        self.conv_b = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv_c = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+        self.conv_d = nn.Conv2d(6, 6, 3, padding=1)
+        self.head = nn.Linear(6, 3)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for layer in (self.stem, self.conv_a, self.conv_b, self.conv_c, self.conv_d, self.head):
+                layer.weight.copy_(torch.randint(-2, 3, layer.weight.shape, generator=g).float())
+                layer.bias.copy_(torch.randint(-2, 3, layer.bias.shape, generator=g).float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r0 = F.relu(self.stem(x))
+        r1 = F.relu(self.conv_b(F.relu(self.conv_a(r0))) + r0)
+        short = F.pad(r1[:, :, ::2, ::2], (0, 0, 0, 0, 1, 1))
+        r2 = F.relu(self.conv_d(F.relu(self.conv_c(r1))) + short)
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(r2, 1), 1))
+
+
+@pytest.fixture(scope="module")
+def parent():  # type: ignore[no-untyped-def]
+    return parent_of(TinyResidual(), (4, 4))
+
+
+def images(n: int = 6) -> torch.Tensor:
+    return torch.randint(0, 3, (n, 1, 4, 4), generator=torch.Generator().manual_seed(1)).float()
+
+
+def spaces(parent, plan):  # type: ignore[no-untyped-def]
+    """The spaces by the layer whose output starts them: stem (tied with conv_b), a, c, d (tied with the pad)."""
+    of = plan.space_of
+    return of["stem"], of["conv_a"], of["conv_c"], of["conv_d"]
+
+
+def hand_keeps(parent, plan):  # type: ignore[no-untyped-def]
+    stem, a, c, d = spaces(parent, plan)
+    return [
+        {stem: torch.tensor([0, 3]), a: torch.tensor([1]), c: torch.tensor([0, 2, 5]), d: torch.tensor([1, 2, 4])},
+        {stem: torch.tensor([1, 2, 3]), a: torch.tensor([0, 2]), c: torch.tensor([1]), d: torch.tensor([0, 5])},
+        {stem: torch.tensor([2]), a: torch.tensor([0, 1, 2]), c: torch.tensor([3, 4]), d: torch.tensor([2, 3, 4])},
+    ]
+
+
+def heads(k: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    return torch.randint(-2, 3, (k, 2, 6), generator=g).float(), torch.randint(-2, 3, (k, 2), generator=g).float()
+
+
+def masked(parent, plan, keeps, head_weight, head_bias) -> ModuleSet:  # type: ignore[no-untyped-def]
+    """The paper's kind of module: the parent with every removed channel zeroed at each ReLU site."""
+    sites = parent.model.site_list("relu")
+    per = [ch.site_masks(parent.model, plan, k) for k in keeps]
+    masks = {s.name: torch.stack([m[s.name] for m in per]) for s in sites}
+    return ModuleSet(parent, tuple(range(len(keeps))), sites, masks, head_weight, head_bias)
+
+
+def test_a_residual_add_ties_its_operands_and_the_option_a_pad_maps_channels(parent) -> None:  # type: ignore[no-untyped-def]
+    plan = ch.channel_plan(parent.model)
+    stem, a, c, d = spaces(parent, plan)
+    assert len({stem, a, c, d}) == 4
+    assert plan.space_of["conv_b"] == stem and plan.space_of["add"] == stem  # one keep set per residual stage
+    assert plan.space_of["pad"] == d and plan.space_of["add_1"] == d
+    (mapping,) = plan.maps
+    assert (mapping.in_space, mapping.out_space, mapping.offset) == (stem, d, 1)
+    assert not plan.spaces[plan.input_space].prunable
+    assert plan.head.in_space == d
+
+
+def test_hand_masked_modules_materialise_into_smaller_networks_with_identical_outputs(parent) -> None:  # type: ignore[no-untyped-def]
+    plan = ch.channel_plan(parent.model)
+    keeps = hand_keeps(parent, plan)
+    hw, hb = heads()
+    reference = masked(parent, plan, keeps, hw, hb).network()
+    x = images()
+    with torch.no_grad():
+        expected = reference(x)
+        for i, keep in enumerate(keeps):
+            net = ch.materialize(parent.model.graph, plan, keep, hw[i], hb[i])
+            assert torch.equal(net(x), expected[:, i])
+            stem, a, c, d = spaces(parent, plan)
+            assert net.get_submodule("stem").weight.shape == (len(keep[stem]), 1, 3, 3)
+            assert net.get_submodule("conv_b").weight.shape == (len(keep[stem]), len(keep[a]), 3, 3)
+            assert net.get_submodule("conv_d").weight.shape == (len(keep[d]), len(keep[c]), 3, 3)
+            assert net.get_submodule("head").weight.shape == (2, len(keep[d]))
+            assert ch.network_cost(net, (1, 4, 4))[0] < ch.parent_cost(parent.model)[0]
+
+
+def test_the_pad_shortcut_reads_only_kept_sources(parent) -> None:  # type: ignore[no-untyped-def]
+    """Module 0 keeps stage-2 channels 1, 2, 4: their sources are stage-1 channels 0 (kept), 1 (removed: zero),
+    3 (kept); the gather reads kept positions 0 and 1 and the appended zero channel (position 2)."""
+    plan = ch.channel_plan(parent.model)
+    keep = hand_keeps(parent, plan)[0]
+    net = ch.materialize(parent.model.graph, plan, keep, *[h[0] for h in heads()])
+    gathers = [n for n in net.graph.nodes if n.target is __import__("operator").getitem and
+               isinstance(n.args[1], tuple) and len(n.args[1]) == 2 and isinstance(n.args[1][1], list)]
+    assert [g.args[1][1] for g in gathers] == [[0, 2, 1]]
+
+
+def test_stacked_execution_equals_each_module_alone_exactly(parent) -> None:  # type: ignore[no-untyped-def]
+    plan = ch.channel_plan(parent.model)
+    keeps = hand_keeps(parent, plan)  # different widths: padded to the widest
+    hw, hb = heads()
+    nets = [ch.materialize(parent.model.graph, plan, k, hw[i], hb[i]) for i, k in enumerate(keeps)]
+    x = images()
+    with torch.no_grad():
+        alone = torch.stack([net(x) for net in nets], 1)
+        stacked = ch.stack(parent.model.graph, plan, keeps, nets)
+        assert torch.equal(stacked(x), alone)
+        same = [keeps[0]] * 3  # same widths: no padding
+        twins = [ch.materialize(parent.model.graph, plan, keeps[0], hw[i], hb[i]) for i in range(3)]
+        assert torch.equal(ch.stack(parent.model.graph, plan, same, twins)(x),
+                           torch.stack([n(x) for n in twins], 1))
+        back = ch.unstack(ch.stack(parent.model.graph, plan, same, twins), plan, same, parent.model.graph)
+        assert all(torch.equal(b(x), t(x)) for b, t in zip(back, twins, strict=True))
+        compact = CompactNets(plan, tuple(keeps), tuple(nets))
+        for device_runner in (compact.runner(hw, hb, torch.device("cpu")),):
+            assert torch.equal(device_runner(x), alone)
+
+
+def test_the_shared_engine_equals_the_masked_union_network(parent) -> None:  # type: ignore[no-untyped-def]
+    plan = ch.channel_plan(parent.model)
+    keeps = hand_keeps(parent, plan)
+    hw, hb = heads()
+    union = union_keeps(plan, keeps)
+    trunk = trunk_network(parent.model.graph, plan, union)
+    shared = build_shared(plan, keeps, trunk)
+    nets = [ch.materialize(parent.model.graph, plan, k, hw[i], hb[i]) for i, k in enumerate(keeps)]
+    compact = CompactNets(plan, tuple(keeps), tuple(nets), shared, "shared")
+    # each module's head, restricted to its own kept head inputs, over the union-masked parent
+    restricted = torch.zeros_like(hw)
+    for i in range(3):
+        cols = compact.head_columns(i)
+        restricted[i][:, cols] = hw[i][:, cols]
+    reference = masked(parent, plan, [union] * 3, restricted, hb).network()
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(compact.runner(hw, hb, torch.device("cpu"))(x), reference(x))
+
+
+def test_the_default_engine_is_the_faster_one_within_a_tenth_of_a_point_of_exact() -> None:
+    exact = EngineResult(0.80, 0.98, 3.0)
+    assert choose_engine({"exact": exact, "shared": EngineResult(0.7995, 0.98, 1.0)}) == "shared"
+    assert choose_engine({"exact": exact, "shared": EngineResult(0.798, 0.98, 1.0)}) == "exact"
+    assert choose_engine({"exact": exact, "shared": EngineResult(0.80, 0.98, 4.0)}) == "exact"
+
+
+def compact_store(parent, tmp_path: Path, shared: bool = False) -> tuple[Path, ModuleSet]:  # type: ignore[no-untyped-def]
+    plan = ch.channel_plan(parent.model)
+    keeps = hand_keeps(parent, plan)
+    hw, hb = heads()
+    nets = [ch.materialize(parent.model.graph, plan, k, hw[i], hb[i]) for i, k in enumerate(keeps)]
+    net_shared = build_shared(plan, keeps, trunk_network(parent.model.graph, plan, union_keeps(plan, keeps))) \
+        if shared else None
+    modules = module_set(parent, plan, keeps, nets, range(3), {"note": "hand"}, net_shared)
+    return save_store(tmp_path / "store", modules), modules
+
+
+def test_a_store_of_materialised_modules_round_trips(parent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path, modules = compact_store(parent, tmp_path, shared=True)
+    loaded = load_store(path).modules
+    x = images()
+    assert loaded.compact is not None and loaded.compact.shared is not None
+    for engine in ("exact", "shared"):
+        a = ModuleSet.logits(_with_engine(modules, engine), x.numpy())
+        b = ModuleSet.logits(_with_engine(loaded, engine), x.numpy())
+        assert torch.equal(a, b)
+    assert torch.equal(loaded.select(["c2", "c0"]).logits(x.numpy()), modules.logits(x.numpy())[:, [2, 0]])
+    manifest = json.loads((path / "manifest.json").read_text())
+    entry = manifest["modules"][0]["network"]
+    assert entry["parameters"] == ch.network_cost(modules.compact.nets[0], (1, 4, 4))[0]
+    assert entry["bytes"] == (path / entry["file"]).stat().st_size
+    # standalone: the file alone (no parent weights) gives the module's outputs
+    net, keep, fingerprint = load_module_network(path / entry["file"])
+    assert fingerprint == parent.fingerprint()
+    with torch.no_grad():
+        assert torch.equal(net(x), modules.logits(x.numpy())[:, 0])
+
+
+def _with_engine(modules: ModuleSet, engine: str) -> ModuleSet:
+    import dataclasses
+
+    return dataclasses.replace(modules, compact=modules.compact.with_engine(engine))
+
+
+def test_a_module_network_of_another_keep_set_or_parent_is_refused(parent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path, _ = compact_store(parent, tmp_path)
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    first, second = (m["network"] for m in manifest["modules"][:2])
+    shutil.copy(bad / second["file"], bad / first["file"])  # module 1's network under module 0's name
+    first["sha256"] = sha256_file(bad / first["file"])
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    load_store(bad)  # module 1's network with its own keep set is a valid network of this parent ...
+    other = parent_of(TinyResidual().double().float(), (4, 4))
+    with torch.no_grad():
+        other.model.graph.get_submodule("stem").bias.add_(1)
+    other_path, _ = compact_store(other, tmp_path / "o")
+    manifest = json.loads((bad / "manifest.json").read_text())
+    stranger = json.loads((other_path / "manifest.json").read_text())["modules"][0]["network"]
+    shutil.copy(other_path / stranger["file"], bad / manifest["modules"][0]["network"]["file"])
+    manifest["modules"][0]["network"]["sha256"] = stranger["sha256"]
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="another parent"):
+        load_store(bad)
+    del manifest["compact"]
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="compact block"):
+        load_store(bad)
+
+
+def test_masking_operations_refuse_compact_modules(parent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, modules = compact_store(parent, tmp_path)
+    with pytest.raises(CnnmodError, match="compact modules"):
+        modules.network()
+    with pytest.raises(CnnmodError, match="compact modules"):
+        modules.features(images().numpy())
+
+
+def test_a_layer_whose_channels_cannot_be_followed_is_named() -> None:
+    class Cat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(1, 2, 1)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = F.relu(self.a(x))
+            return self.head(torch.flatten(F.adaptive_avg_pool2d(torch.cat([y, y], 1), 1), 1))
+
+    with pytest.raises(ch.ChannelError, match="cat"):
+        ch.channel_plan(parent_of(Cat(), (4, 4)).model)
+
+
+def test_decompose_compact_evaluate_and_inspect_through_the_cli(cnnmod_cli, tiny_model: Path, tiny_data: Path,  # type: ignore[no-untyped-def]
+                                                                 tmp_path: Path) -> None:
+    from fixtures.cli import ok_json
+
+    store = tmp_path / "compact"
+    made = ok_json(cnnmod_cli("decompose", tiny_model, "--data", tiny_data, "--out", store, "--method", "compact",
+                              "--train-images", 64, "--json"))
+    assert 0 < made["kept_parameters_mean"] < 0.5
+    cost = made["cost"]
+    assert cost["fine_tune_images"] == 64 and cost["energy"]["kwh"] > 0
+    assert cost["parent_training"]["epochs"] == 200 and cost["fraction_of_parent_training_energy"] > 0
+    result = ok_json(cnnmod_cli("evaluate", store, "--data", tiny_data, "--json"))
+    assert result["engine"] == "exact" and set(result["engines"]) == {"exact"}
+    assert result["kept_parameters_mean"] == pytest.approx(made["kept_parameters_mean"])
+    assert set(result["seconds"]) >= {"parent", "composed"}
+    assert result["composed"]["top1"] == result["engines"]["exact"]["top1"]
+    shown = ok_json(cnnmod_cli("inspect", store, "--json"))
+    module = shown["modules"][0]
+    assert module["standalone"] and 0 < module["parameters_fraction"] < 0.5 and 0 < module["macs_fraction"] < 1
+    assert 0 < module["file_bytes_fraction"] < 1
+    assert module["file_bytes"] == (store / "modules" / "0000.net.safetensors").stat().st_size
+    paper = ok_json(cnnmod_cli("evaluate", tmp_path / "compact", "--data", tiny_data, "--json", "--classes",
+                               ",".join(made["classes"][:2])))
+    assert paper["engine"] == "exact" and len(paper["modules"]) == 2
+
+
+def test_a_prefix_all_modules_share_runs_once_with_identical_outputs(parent) -> None:  # type: ignore[no-untyped-def]
+    import dataclasses
+
+    from cnnmod.engines import common_prefix
+
+    plan = ch.channel_plan(parent.model)
+    stem, a, c, d = spaces(parent, plan)
+    keeps = [{**k, stem: torch.tensor([0, 3]), a: torch.tensor([1])} for k in hand_keeps(parent, plan)]
+    hw, hb = heads()
+    nets = [ch.materialize(parent.model.graph, plan, k, hw[i], hb[i]) for i, k in enumerate(keeps)]
+    assert common_prefix(nets, (1, 4, 4)) == "relu_2"  # the stage-1 output: stem, conv_a, conv_b are shared
+    compact = CompactNets(plan, tuple(keeps), tuple(nets), input_shape=(1, 4, 4), base=parent.model.graph)
+    x = images()
+    with torch.no_grad():
+        alone = torch.stack([net(x) for net in nets], 1)
+        for batching in ("grouped", "each"):
+            runner = dataclasses.replace(compact, batching=batching).runner(hw, hb, torch.device("cpu"))
+            assert torch.equal(runner(x), alone)
+        with torch.no_grad():
+            nets[1].get_submodule("conv_a").weight.add_(1)  # no longer shared: stem only
+        assert common_prefix(nets, (1, 4, 4)) == "relu"
+        alone = torch.stack([net(x) for net in nets], 1)
+        for batching in ("grouped", "each"):
+            runner = dataclasses.replace(compact, batching=batching).runner(hw, hb, torch.device("cpu"))
+            assert torch.equal(runner(x), alone)
