@@ -12,7 +12,7 @@ import torch
 from .compose import SCORINGS, ComposedClassifier
 from .distributed import SINGLE, Shard
 from .errors import CnnmodError
-from .metrics import parameter_counts, precision_recall, topk_accuracy
+from .metrics import ParameterCount, parameter_counts, precision_recall, topk_accuracy
 from .modules import ModuleSet, score_from_logits
 
 
@@ -97,11 +97,14 @@ def evaluate(
     mine = images[shard.part(len(images))]
     start = time.perf_counter()
     columns = torch.tensor(modules.class_indices)
-    parent_logits = shard.gather_rows(modules.parent.logits(mine, batch_size, device, progress)[:, columns]
-                                      .to(shard.device))
+    parent_part = modules.parent.logits(mine, batch_size, device, progress)[:, columns] if len(mine) else \
+        torch.zeros((0, len(columns)))  # a process with no images of its own (fewer images than processes)
+    parent_logits = shard.gather_rows(parent_part.to(shard.device))
     seconds["parent"] = time.perf_counter() - start
     start = time.perf_counter()
-    module_logits = shard.gather_rows(modules.logits(mine, batch_size, device, progress).to(shard.device))
+    module_part = modules.logits(mine, batch_size, device, progress) if len(mine) else \
+        torch.zeros((0, len(modules), 2))
+    module_logits = shard.gather_rows(module_part.to(shard.device))
     seconds["composed"] = time.perf_counter() - start
     parent_logits, module_logits = parent_logits.cpu(), module_logits.cpu()
     engine, engines = None, None
@@ -132,10 +135,9 @@ def evaluate(
     precision, recall = precision_recall(pred, targets, k)
     parent_precision, parent_recall = precision_recall(parent_pred, targets, k)
     jaccard = modules.jaccard().tolist()
-    kept = parameter_counts(modules) if with_parameters and modules.compact is None else None
+    kept = _parameter_counts(modules, shard) if with_parameters and modules.compact is None else None
     if with_parameters and modules.compact is not None:
         from .engines import compact_parameters
-        from .metrics import ParameterCount
 
         kept = ParameterCount(*compact_parameters(modules))
     reports = tuple(
@@ -156,6 +158,16 @@ def evaluate(
         engine=engine,
         engines=engines,
     )
+
+
+def _parameter_counts(modules: ModuleSet, shard: Shard) -> ParameterCount:
+    """Kept parameters of every module; under torchrun each process counts its share of the modules."""
+    if shard.world == 1:
+        return parameter_counts(modules)
+    mine = list(modules.class_names[shard.part(len(modules))])
+    part = parameter_counts(modules.select(mine))
+    kept = torch.tensor(part.kept, dtype=torch.int64, device=shard.device)
+    return ParameterCount([int(v) for v in shard.gather_rows(kept).tolist()], part.parent)
 
 
 def overlap_matrix(modules: ModuleSet, cells: int = 1 << 24) -> torch.Tensor:
