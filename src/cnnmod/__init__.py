@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Calibration": "calibrate", "calibrate": "calibrate",
     "ComposedClassifier": "compose", "compose": "compose",
+    "CompactConfig": "compact", "decompose_compact": "compact",
     "Dataset": "data", "ImageSet": "data", "load_dataset": "data",
     "DecomposeConfig": "decompose", "decompose": "decompose", "derive_modules": "decompose", "observe": "decompose",
     "CnnmodError": "errors", "DataError": "errors", "ModelError": "errors", "StoreError": "errors",
@@ -29,10 +30,10 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "Calibration", "CnnmodError", "ComposedClassifier", "DataError", "Dataset", "DecomposeConfig", "Evaluation",
-    "ImageSet", "InputSpec", "ModelError", "ModuleSet", "Parent", "Store", "StoreError", "TraceError", "calibrate",
-    "compose", "decompose", "derive_modules", "evaluate", "load_composition", "load_dataset", "load_store",
-    "observe", "save_composition", "save_store",
+    "Calibration", "CnnmodError", "CompactConfig", "ComposedClassifier", "DataError", "Dataset", "DecomposeConfig",
+    "Evaluation", "ImageSet", "InputSpec", "ModelError", "ModuleSet", "Parent", "Store", "StoreError", "TraceError",
+    "calibrate", "compose", "decompose", "decompose_compact", "derive_modules", "evaluate", "load_composition",
+    "load_dataset", "load_store", "observe", "save_composition", "save_store",
 ]
 
 
@@ -67,6 +68,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from .calibrate import Calibration, calibrate
+    from .compact import CompactConfig, decompose_compact
     from .compose import ComposedClassifier, compose
     from .data import Dataset, ImageSet, load_dataset
     from .decompose import DecomposeConfig, decompose, derive_modules, observe

@@ -617,3 +617,15 @@ def cost_record(cost: CompactCost, energy: dict, epoch: dict, epochs: int = 200)
         "parent_training": {**epoch, "epochs": epochs, "kwh": parent_kwh, "images": train_images},
         "fraction_of_parent_training_energy": energy["kwh"] / parent_kwh if parent_kwh > 0 else None,
     }
+
+
+def decompose_compact(parent: Parent, images: np.ndarray, labels: np.ndarray,
+                      config: CompactConfig = CompactConfig(), classes: Sequence[str] | None = None,
+                      progress: Callable[[str, int, int, float], None] | None = None) -> tuple[ModuleSet, CompactCost]:
+    """Compact modules of `parent` for `classes` (default: all) as a ModuleSet, and what they cost.
+
+    `images` are uint8 NHWC training images and `labels` index the parent's classes."""
+    chosen = [parent.class_index(c) for c in classes] if classes else list(range(parent.num_classes))
+    result = compact_decompose(parent, images, labels, config, chosen, progress)
+    return module_set(parent, result.plan, list(result.keeps), list(result.nets), chosen, config.to_json()), \
+        result.cost
