@@ -37,9 +37,21 @@ images = np.random.default_rng(0).integers(0, 256, size=(len(labels), 64, 64, 3)
 config = DecomposeConfig(samples_per_class=3, variant="ci")
 plans = [plan_for(parent, labels, config, s) for s in pass_classes(list(range(classes)), per_pass)]
 estimate = estimate_decomposition(parent.model, "relu", plans, "node", 256, False, CLASSES_PER_BACKTRACK)
+earlier = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+try:  # reset the high-water mark: the estimate is of the peak from now on, not of the imports' before it
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    reset = True
+except OSError:
+    reset = False
 decompose_in_passes(parent, images, labels, config, progress=False, classes_per_pass=per_pass)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"estimate": estimate.total, "peak": peak, "extra": estimate.extra}))
+if reset:
+    hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    peak = int(hwm.split()[1]) * 1024
+else:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"estimate": estimate.total, "peak": peak, "extra": estimate.extra, "process": estimate.process,
+                  "peak_before": earlier, "reset": reset, "torch": torch.__version__}))
 """
 
 

@@ -455,7 +455,9 @@ def test_ctrl_c_at_any_moment_is_one_line(tmp_path: Path) -> None:
         assert "Traceback" not in err, f"after {delay}s: {err}"
         if child.returncode != 0:  # -SIGINT: killed while the interpreter itself was starting, before any code ran
             assert child.returncode in (130, -signal.SIGINT), (delay, child.returncode, err)
-            assert err.strip() in ("interrupted", ""), (delay, err)
+            lines = err.strip().splitlines()  # what the command said before (its memory estimate), then one line
+            assert not lines or lines[-1] == "interrupted", (delay, err)
+            assert all(line.startswith("memory: ") for line in lines[:-1]), (delay, err)
 
 
 # ---------------------------------------------------------------------------- 5. permissions and leftovers
@@ -534,3 +536,52 @@ def test_an_input_spec_that_is_not_one_is_refused_wherever_it_comes_from(size: t
 
     with pytest.raises(ValueError):
         InputSpec(size, channels, mean, std)
+
+
+# ---------------------------------------------------------------------------- 6. damaged model files
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    """A ResNet-8 as each kind of file a user hands in: exported program, zip and legacy checkpoints, safetensors."""
+    import safetensors.torch
+
+    from cnnmod.zoo import create_model
+
+    folder = tmp_path_factory.mktemp("models")
+    model = create_model("resnet8", num_classes=10, seed=0).eval()
+    torch.export.save(torch.export.export(model, (torch.randn(1, 3, 32, 32),)), folder / "m.pt2")
+    torch.save(model.state_dict(), folder / "m.th")
+    torch.save(model.state_dict(), folder / "legacy.th", _use_new_zipfile_serialization=False)
+    safetensors.torch.save_file(model.state_dict(), str(folder / "m.safetensors"))
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_a_damaged_model_file_is_one_line(model_files: dict[str, bytes], work: Path,
+                                          capfd: pytest.CaptureFixture[str]) -> None:
+    """Real model files, truncated or with bytes overwritten (zip directories, pickles, headers): `inspect` refuses
+    each in one line, and nothing that torch logs on its own reaches the terminal as a traceback."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=60, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(name=st.sampled_from(sorted(model_files)), cut=st.floats(0.0, 1.0),
+           edits=st.lists(st.tuples(st.booleans(), st.floats(0.0, 1.0), st.integers(0, 255)), max_size=60))
+    def damaged(name: str, cut: float, edits: list[tuple[bool, float, int]]) -> None:
+        data = bytearray(model_files[name])
+        start = data.find(b"PK\x01\x02")  # a zip's central directory (names, versions, offsets), else the last 3%
+        start = start if start >= 0 else int(0.97 * len(data))
+        for in_directory, where, value in edits:
+            low = start if in_directory else 0
+            data[low + int(where * (len(data) - 1 - low))] = value
+        if not edits or cut < 0.5:
+            data = data[: int(cut * len(data))]
+        path = work / name
+        path.write_bytes(bytes(data))
+        run = run_main("inspect", path, *([] if name.endswith(".pt2") else ["--arch", "resnet8"]))
+        if run.code != 0:
+            assert_refused(run)
+        assert "Traceback" not in capfd.readouterr().err
+
+    damaged()

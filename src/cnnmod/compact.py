@@ -41,20 +41,20 @@ from .trace import with_taps
 class CompactConfig:
     """Every parameter of a compact decomposition."""
 
-    stream_keep: float = 0.5
+    stream_keep: float = 0.25
     """Fraction of the channels of each residual stream (spaces that an Add ties) that a module keeps."""
-    inner_keep: float = 0.5
+    inner_keep: float = 0.24
     """Fraction of the channels of every other space (inside residual blocks, hidden dense layers)."""
     importance_per_class: int = 32
     """Images per class for the importance pass."""
-    train_images: int = 8000
+    train_images: int = 150_000
     """Training images seen by the fine-tune (all modules see the same images)."""
     batch_size: int = 64
-    lr: float = 0.01
-    temperature: float = 2.0
-    label_weight: float = 0.5
+    lr: float = 0.05
+    temperature: float = 4.0
+    label_weight: float = 0.25
     """Weight of the label cross-entropy in the vote loss (the rest is distillation from the parent)."""
-    binary_weight: float = 0.25
+    binary_weight: float = 0.05
     """Weight of each module's own binary loss (its sigmoid against the parent's probability of its class)."""
     weight_decay: float = 5e-4
     clip: float = 5.0
@@ -62,13 +62,13 @@ class CompactConfig:
     recalibrate_images: int = 256
     """Images (spread over the classes) for re-estimating statistics and refitting heads; 0 skips it."""
     augment: bool = True
-    prefix_keep: float = 0.0
+    prefix_keep: float = 1.0
     """Fraction of the channels of every shared-prefix space a module keeps (0: the stream/inner fractions)."""
-    freeze_prefix: bool = False
+    freeze_prefix: bool = True
     """Keep the shared prefix's weights as they are (the parent's, sliced) instead of fine-tuning them. With
     `prefix_keep` 1 the prefix is the parent's own first layers, and the parent's pass that gives the teacher's
     logits gives the modules' prefix output too."""
-    shared_prefix: float = 0.0
+    shared_prefix: float = 0.68
     """Share the first layers among all modules, up to the cut point after at most this fraction of the parent's
     multiply-accumulates: the same kept channels (chosen for all classes) and the same fine-tuned weights, so an
     engine runs them once. 0: every layer is the module's own."""

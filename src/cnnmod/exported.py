@@ -14,9 +14,11 @@ Loading a `.pt2` file unpickles parts of it, as `torch.export.load` does: open o
 from __future__ import annotations
 
 import functools
+import logging
 import operator
 import os
 import re
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,10 +48,17 @@ class ExportedModel:
 def load_exported(path: str | os.PathLike[str]) -> ExportedModel:
     """Read a `torch.export.save` file (this unpickles, as torch.export.load does) and rewrite it."""
     path = Path(path)
+    if not zipfile.is_zipfile(path):
+        raise ModelError(f"cannot read {path.name} as a torch.export program: not a .pt2 archive (a zip file)")
+    quiet = logging.getLogger("torch.export")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # torch logs a traceback of its own before raising
     try:
         program = torch.export.load(str(path))
     except Exception as e:  # noqa: BLE001  (torch raises many types for a file that is no program)
         raise ModelError(f"cannot read {path.name} as a torch.export program: {_one_line(e)}") from None
+    finally:
+        quiet.setLevel(level)
     return from_exported(program, path.name)
 
 

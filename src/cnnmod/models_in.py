@@ -391,7 +391,7 @@ def _is_exported(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as z:
             return any(n == "archive_format" or n.endswith("/archive_format") for n in z.namelist())
-    except (zipfile.BadZipFile, OSError):
+    except Exception:  # noqa: BLE001 - a damaged directory raises anything (undecodable names, odd versions)
         return path.suffix == ".pt2"
 
 

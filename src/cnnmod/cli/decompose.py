@@ -59,11 +59,12 @@ from .shards import open_dataset_once, total_energy
               help="paper: the parent masked per class (Pan & Rajan); compact: small modules, each its own "
                    "network of the kept channels, fine-tuned from the parent (see docs/RESULTS.md).")
 @click.option("--stream-keep", type=FiniteFloat(0.0, 1.0, open_low=True), default=None,
-              help="compact: fraction of each residual stream's channels a module keeps [default: 0.5].")
+              help="compact: fraction of the channels of each residual stream after the shared prefix that a "
+                   "module keeps [default: 0.25].")
 @click.option("--inner-keep", type=FiniteFloat(0.0, 1.0, open_low=True), default=None,
-              help="compact: fraction of every other channel space a module keeps [default: 0.5].")
+              help="compact: fraction of every other channel space after the shared prefix [default: 0.24].")
 @click.option("--train-images", type=click.IntRange(min=0), default=None,
-              help="compact: training images of the joint fine-tune (0: none) [default: 8000].")
+              help="compact: training images of the joint fine-tune (0: none) [default: 150000].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @device_option
 @json_option

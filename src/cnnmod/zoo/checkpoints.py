@@ -69,7 +69,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         if _is_safetensors(path):
             with safe_open(str(path), framework="pt") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _unpickle(path)
     except _READ_ERRORS as e:
         raise StoreError(f"cannot read checkpoint {path}: {_one_line(e)}") from None
     if isinstance(obj, Mapping):  # a training checkpoint: the weights under one of the usual keys
@@ -83,6 +83,17 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             raise StoreError(f"checkpoint {path}: entry '{key}' is a {type(value).__name__}, not a tensor")
         state[str(key).removeprefix("module.")] = value
     return state
+
+
+def _unpickle(path: Path) -> object:
+    """`torch.load` of weights only. Its unpickler raises whatever the bytes provoke (IndexError, TypeError,
+    struct.error, ...) on a damaged file, so every ordinary exception is a file that cannot be read."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except _READ_ERRORS:
+        raise
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        raise pickle.UnpicklingError(f"not a PyTorch checkpoint ({type(e).__name__}: {e})") from None
 
 
 def _one_line(e: BaseException) -> str:

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Reproduces the figures of docs/RESULTS.md's section on compact modules (issue 11): about 45 minutes on 2 CPU
+# cores (each decomposition at most 15). Every job runs niced, one at a time, on at most 2 threads.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+S=../shared
+C10=$S/data/cifar10-jpg.tar.gz
+R20=$S/models/resnet20-12fca82f.th
+W=runs/compact
+export OMP_NUM_THREADS=2
+run() { nice -n 10 "$@"; }
+mkdir -p $W
+# the default: decompose (cost next to training the parent), evaluate every engine, sizes, inference time
+run /usr/bin/time -v cnnmod decompose $R20 --arch resnet20 --data $C10 --out stores/r20-compact --method compact \
+  --overwrite --json > $W/decompose.json 2> $W/decompose.time
+run cnnmod evaluate stores/r20-compact --data $C10 --json > $W/evaluate.json
+run cnnmod inspect stores/r20-compact --json > $W/inspect.json
+run python benchmarks/compose_cost.py --method compact --store stores/r20-compact > $W/compose_cost.txt
+run python benchmarks/compose_cost.py --method compact --limit 2000 > $W/compose_cost_shapes.txt
+# the frontier: kept parameters against composed top-1 at other keep fractions (40,000 fine-tune images each)
+for keep in 0.125 0.25 0.375 0.5; do
+  run cnnmod decompose $R20 --arch resnet20 --data $C10 --out stores/r20-compact-$keep --method compact \
+    --stream-keep $keep --inner-keep $keep --train-images 40000 --overwrite --json > $W/frontier-$keep.json
+  run cnnmod evaluate stores/r20-compact-$keep --data $C10 --json > $W/frontier-$keep-evaluate.json
+done
