@@ -585,3 +585,11 @@ def test_a_damaged_model_file_is_one_line(model_files: dict[str, bytes], work: P
         assert "Traceback" not in capfd.readouterr().err
 
     damaged()
+
+
+def test_a_report_without_matplotlib_is_refused_before_the_work(base: Path, work: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the [report] extra were not installed
+    run = run_main("evaluate", base, "--data", DATA, "--report", work / "r")
+    assert_refused(run, "needs matplotlib", "cnnmod[report]")
+    assert not (work / "r").exists() and "top-1" not in run.stdout

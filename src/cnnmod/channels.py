@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import copy
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeAlias, cast
 
 import torch
 import torch.fx as fx
@@ -101,6 +102,13 @@ class ChannelPlan:
 
     def sizes(self, keep: Mapping[int, torch.Tensor]) -> dict[int, int]:
         return {s.index: int(len(keep[s.index])) if s.index in keep else s.size for s in self.spaces}
+
+    @property
+    def head_space(self) -> int:
+        """The space whose channels the head reads (a module's head columns are its kept channels there)."""
+        if self.head.in_space is None:
+            raise ChannelError(f"the head {self.head.target} reads no channel space, so it has no columns to keep")
+        return self.head.in_space
 
 
 class _Sets:
@@ -335,6 +343,42 @@ def _reduces_spatial_only(node: fx.Node, values: Mapping[str, object]) -> bool:
 # Materialising one module
 
 
+WeightLayer: TypeAlias = nn.Linear | nn.modules.conv._ConvNd
+"""A layer that a plan slices: a convolution or a linear layer (its layers and its head are such layers)."""
+
+
+def layer_at(net: nn.Module, target: str) -> WeightLayer:
+    """The convolution or linear layer of `net` at `target`, a plan layer's or the head's (in a parent, or in a
+    network that `materialize`, `stack` or `unstack` built from one)."""
+    return cast(WeightLayer, net.get_submodule(target))
+
+
+def layer_bias(layer: nn.Module) -> torch.Tensor | None:
+    """A layer's bias parameter (not a copy), or None where it has none (built with `bias=False`)."""
+    bias = getattr(layer, "bias", None)
+    return bias if isinstance(bias, torch.Tensor) else None
+
+
+def head_parameters(net: nn.Module, plan: ChannelPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias parameters (not copies) of a module network's head: the Linear that `materialize`
+    built, which always has a bias."""
+    head = layer_at(net, plan.head.target)
+    bias = layer_bias(head)
+    if bias is None:
+        raise CnnmodError(f"the head {plan.head.target} of a module network has no bias")
+    return head.weight, bias
+
+
+def _conv_like(layer: nn.modules.conv._ConvNd, in_channels: int, out_channels: int, groups: int,
+               bias: bool) -> nn.modules.conv._ConvNd:
+    """A new convolution of `layer`'s class and geometry, with other channel counts, groups and bias."""
+    # type(layer) is Conv1d, Conv2d or Conv3d (the op table has no other convolution): their constructor runs, not
+    # the abstract _ConvNd's (which also takes `transposed` and `output_padding`), so only keywords they share
+    conv = cast(Callable[..., nn.modules.conv._ConvNd], type(layer))
+    return conv(in_channels, out_channels, layer.kernel_size, stride=layer.stride, padding=layer.padding,
+                dilation=layer.dilation, groups=groups, bias=bias, padding_mode=layer.padding_mode)
+
+
 def _sorted_keep(keep: Mapping[int, torch.Tensor], plan: ChannelPlan) -> dict[int, torch.Tensor]:
     out = {}
     for s in plan.spaces:
@@ -364,7 +408,7 @@ def materialize(parent: fx.GraphModule, plan: ChannelPlan, keep: Mapping[int, to
     keep = _sorted_keep(keep, plan)
     gm = fx.GraphModule(copy.deepcopy(parent), copy.deepcopy(parent.graph))
     for layer in plan.layers:
-        old = gm.get_submodule(layer.target)
+        old = layer_at(gm, layer.target)
         rows = keep[layer.out_space] if layer.out_space is not None else None
         cols = _feature_index(keep[layer.in_space], layer.repeat) if layer.in_space is not None else None
         _set_submodule(gm, layer.target, _sliced(old, rows, cols))
@@ -385,9 +429,10 @@ def materialize(parent: fx.GraphModule, plan: ChannelPlan, keep: Mapping[int, to
     return gm.eval()
 
 
-def _sliced(layer: nn.Module, rows: torch.Tensor | None, cols: torch.Tensor | None) -> nn.Module:
+def _sliced(layer: WeightLayer, rows: torch.Tensor | None, cols: torch.Tensor | None) -> nn.Module:
     weight = layer.weight.detach()
-    bias = layer.bias.detach() if getattr(layer, "bias", None) is not None else None
+    old_bias = layer_bias(layer)
+    bias = old_bias.detach() if old_bias is not None else None
     if rows is not None:
         weight = weight[rows]
         bias = bias[rows] if bias is not None else None
@@ -397,8 +442,7 @@ def _sliced(layer: nn.Module, rows: torch.Tensor | None, cols: torch.Tensor | No
         new: nn.Module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     else:
         assert isinstance(layer, nn.modules.conv._ConvNd)
-        new = type(layer)(weight.shape[1], weight.shape[0], layer.kernel_size, layer.stride,  # type: ignore[call-arg]
-                          layer.padding, layer.dilation, 1, bias is not None, layer.padding_mode)
+        new = _conv_like(layer, weight.shape[1], weight.shape[0], groups=1, bias=bias is not None)
     with torch.no_grad():
         new.weight = nn.Parameter(weight.clone().contiguous())
         if bias is not None:
@@ -418,7 +462,8 @@ def _rewrite_map(gm: fx.GraphModule, node: fx.Node, kept_in: torch.Tensor, kept_
                  offset: int, index: list[int] | None = None) -> None:
     """`F.pad(x, (.., before, after))` on channels -> `F.pad(x, (.., 0, 1))[:, index]`: one zero channel
     appended, then the kept output channels gathered from the kept inputs (or the zero channel)."""
-    pad = list(node.args[1] if len(node.args) > 1 else node.kwargs["pad"])
+    # channel_plan maps only an `F.pad` whose amounts are a tuple or list of ints (_channel_padding)
+    pad = list(cast(Sequence[int], node.args[1] if len(node.args) > 1 else node.kwargs["pad"]))
     pad[-2], pad[-1] = 0, 1
     args = list(node.args)
     if len(args) > 1:
@@ -512,13 +557,14 @@ def stack(parent: fx.GraphModule, plan: ChannelPlan, keeps: Sequence[Mapping[int
         grouped = reads_stacked(layer.node)
         parts, biases = [], []
         for net in nets:
-            small = net.get_submodule(layer.target)
+            small = layer_at(net, layer.target)
             w = small.weight.detach()
             w = _pad_dim(w, 0, widths[layer.out_space] if layer.out_space is not None else w.shape[0])
             if grouped and layer.in_space is not None:
                 w = _pad_dim(w, 1, widths[layer.in_space] * layer.repeat)
             parts.append(w)
-            b = small.bias.detach() if small.bias is not None else torch.zeros(small.weight.shape[0])
+            small_bias = layer_bias(small)
+            b = small_bias.detach() if small_bias is not None else torch.zeros(small.weight.shape[0])
             biases.append(_pad_dim(b, 0, w.shape[0]))
         old = gm.get_submodule(layer.target)
         if not isinstance(old, (nn.Linear, nn.modules.conv._ConvNd)):
@@ -529,9 +575,8 @@ def stack(parent: fx.GraphModule, plan: ChannelPlan, keeps: Sequence[Mapping[int
                 weight = torch.block_diag(*parts)
             new: nn.Module = nn.Linear(weight.shape[1], weight.shape[0])
         else:
-            new = type(old)(weight.shape[1] * (m if grouped else 1), weight.shape[0],  # type: ignore[call-arg]
-                            old.kernel_size, old.stride, old.padding, old.dilation, m if grouped else 1, True,
-                            old.padding_mode)
+            new = _conv_like(old, weight.shape[1] * (m if grouped else 1), weight.shape[0],
+                             groups=m if grouped else 1, bias=True)
         with torch.no_grad():
             new.weight = nn.Parameter(weight.contiguous())
             new.bias = nn.Parameter(torch.cat(biases))
@@ -540,12 +585,12 @@ def stack(parent: fx.GraphModule, plan: ChannelPlan, keeps: Sequence[Mapping[int
     head_grouped = reads_stacked(head.node)
     hw, hb = [], []
     for net in nets:
-        lin = net.get_submodule(head.target)
-        w = lin.weight.detach()
+        lin_weight, lin_bias = head_parameters(net, plan)
+        w = lin_weight.detach()
         if head_grouped and head.in_space is not None:
             w = _pad_dim(w, 1, widths[head.in_space] * head.repeat)
         hw.append(w)
-        hb.append(lin.bias.detach())
+        hb.append(lin_bias.detach())
     _set_submodule(gm, head.target, StackedHead(torch.stack(hw), torch.stack(hb), shared_input=not head_grouped))
     for cm in plan.maps:
         if cm.node not in stacked:
@@ -599,27 +644,31 @@ def unstack(stacked: fx.GraphModule, plan: ChannelPlan, keeps: Sequence[Mapping[
     for i, k in enumerate(keeps):
         net = materialize(parent, plan, k, torch.zeros(2, plan_head_features(plan, parent)), torch.zeros(2))
         for layer in plan.layers:
-            big = stacked.get_submodule(layer.target)
-            small = net.get_submodule(layer.target)
+            big = layer_at(stacked, layer.target)
+            small = layer_at(net, layer.target)
             rows = slice(i * small.weight.shape[0], (i + 1) * small.weight.shape[0])
             grouped = layer.in_space is not None and layer.in_space != plan.input_space
             w = big.weight.detach()[rows]
             if isinstance(big, nn.Linear) and grouped:
                 w = w[:, i * small.weight.shape[1]:(i + 1) * small.weight.shape[1]]
+            small_bias = layer_bias(small)
             with torch.no_grad():
                 small.weight.copy_(w)
-                if small.bias is not None:
-                    small.bias.copy_(big.bias.detach()[rows])
-        lin = net.get_submodule(plan.head.target)
+                if small_bias is not None:
+                    big_bias = layer_bias(big)
+                    if big_bias is None:  # stack gives every layer a bias
+                        raise CnnmodError(f"layer {layer.target} of the stacked network has no bias")
+                    small_bias.copy_(big_bias.detach()[rows])
+        lin_weight, lin_bias = head_parameters(net, plan)
         with torch.no_grad():
-            lin.weight.copy_(head.weight.detach()[i])
-            lin.bias.copy_(head.bias.detach()[i])
+            lin_weight.copy_(head.weight.detach()[i])
+            lin_bias.copy_(head.bias.detach()[i])
         nets.append(net)
     return nets
 
 
 def plan_head_features(plan: ChannelPlan, parent: fx.GraphModule) -> int:
-    return int(parent.get_submodule(plan.head.target).weight.shape[1])
+    return int(layer_at(parent, plan.head.target).weight.shape[1])
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .channels import ChannelPlan, channel_plan, materialize
+from .channels import ChannelPlan, WeightLayer, channel_plan, head_parameters, layer_at, layer_bias, materialize
 from .decompose import channel_heads
 from .errors import CnnmodError
 from .inputs import batch_slices
@@ -267,21 +267,22 @@ def recalibrate(parent: Parent, plan: ChannelPlan, keeps: Sequence[dict[int, tor
         for layer in plan.layers:
             if layer.node in skip:
                 continue
-            module = net.get_submodule(layer.target)
+            module = layer_at(net, layer.target)
             rows = keep[layer.out_space] if layer.out_space in keep else None
             mean_p, std_p = reference[layer.node]
             if rows is not None:
                 mean_p, std_p = mean_p[rows], std_p[rows]
 
-            def hook(mod: nn.Module, args: object, out: torch.Tensor, mean_p: torch.Tensor = mean_p,
+            def hook(mod: WeightLayer, args: object, out: torch.Tensor, mean_p: torch.Tensor = mean_p,
                      std_p: torch.Tensor = std_p) -> torch.Tensor:
                 mean_m, std_m = _channel_stats(out)
                 scale = (std_p / std_m.clamp(min=1e-6)).clamp(0.2, 5.0)
                 shift = mean_p - scale * mean_m
                 shape = (-1, *([1] * (mod.weight.dim() - 1)))
                 mod.weight.mul_(scale.view(shape))
-                if mod.bias is not None:
-                    mod.bias.mul_(scale).add_(shift)
+                bias = layer_bias(mod)
+                if bias is not None:
+                    bias.mul_(scale).add_(shift)
                 view = (1, -1, *([1] * (out.dim() - 2)))
                 return out * scale.view(view) + shift.view(view)
 
@@ -298,8 +299,9 @@ def recalibrate(parent: Parent, plan: ChannelPlan, keeps: Sequence[dict[int, tor
         design = torch.cat([f, torch.ones(len(f), 1)], 1).double()
         gram = design.T @ design + ridge * len(f) * torch.eye(design.shape[1], dtype=torch.float64)
         solution = torch.linalg.solve(gram, design.T @ targets[:, i].double())  # (F + 1, 2)
-        head.weight.copy_(solution[:-1].T.float())
-        head.bias.copy_(solution[-1].float())
+        head_weight, head_bias = head_parameters(net, plan)
+        head_weight.copy_(solution[:-1].T.float())
+        head_bias.copy_(solution[-1].float())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -331,6 +333,8 @@ def insert_batchnorm(net: fx.GraphModule, plan: ChannelPlan, x: torch.Tensor,
         bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims](out.shape[1])
         with torch.no_grad():
             var = std.square()
+            # a new BatchNorm tracks running statistics (the default), so it has them
+            assert bn.running_mean is not None and bn.running_var is not None
             bn.running_mean.copy_(mean)
             bn.running_var.copy_(var)
             bn.weight.copy_((var + bn.eps).sqrt())
@@ -539,10 +543,10 @@ def module_set(parent: Parent, plan: ChannelPlan, keeps: Sequence[dict[int, torc
     features = parent.model.head.weight.shape[1]
     weights, biases = torch.zeros(len(nets), 2, features), torch.zeros(len(nets), 2)
     for i, (net, keep) in enumerate(zip(nets, keeps, strict=True)):
-        lin = net.get_submodule(plan.head.target)
-        cols = _feature_index(_sorted_keep(keep, plan)[plan.head.in_space], plan.head.repeat)
-        weights[i][:, cols] = lin.weight.detach()
-        biases[i] = lin.bias.detach()
+        lin_weight, lin_bias = head_parameters(net, plan)
+        cols = _feature_index(_sorted_keep(keep, plan)[plan.head_space], plan.head.repeat)
+        weights[i][:, cols] = lin_weight.detach()
+        biases[i] = lin_bias.detach()
     compact = CompactNets(plan, tuple(dict(k) for k in keeps), tuple(nets), shared, engine,  # type: ignore[arg-type]
                           tuple(parent.model.input_shape), parent.model.graph)
     record = {"method": "compact", "sites": "relu", **(config or {})}

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .channels import ChannelPlan, _sorted_keep, channel_plan, materialize, network_cost
+from .channels import ChannelPlan, _sorted_keep, channel_plan, materialize, network_cost, plan_head_features
 from .engines import CompactNets, SharedNet, union_keeps
 from .errors import StoreError
 from .fileio import atomic_save_safetensors, load_safetensors
@@ -96,7 +96,7 @@ def write_networks(folder: Path, modules: Any, entries: list[dict[str, Any]], fi
 
 
 def _expected_graph(parent_graph: fx.GraphModule, plan: ChannelPlan, keep: dict[int, torch.Tensor]) -> dict:
-    features = int(parent_graph.get_submodule(plan.head.target).weight.shape[1])
+    features = plan_head_features(plan, parent_graph)
     expected = materialize(parent_graph, plan, keep, torch.zeros(2, features), torch.zeros(2))
     return graph_to_data(expected)[0]
 
@@ -167,7 +167,7 @@ def load_networks(path: Path, manifest: dict[str, Any], modules: Any) -> Any:
 def trunk_network(parent_graph: fx.GraphModule, plan: ChannelPlan, keep: dict[int, torch.Tensor],
                   source: fx.GraphModule | None = None) -> fx.GraphModule:
     """The parent sliced to `keep` without its head: images -> kept features (weights from `source` if given)."""
-    features = int(parent_graph.get_submodule(plan.head.target).weight.shape[1])
+    features = plan_head_features(plan, parent_graph)
     net = materialize(parent_graph, plan, keep, torch.zeros(2, features), torch.zeros(2))
     if source is not None:
         net.load_state_dict({k: v for k, v in source.state_dict().items()
@@ -183,15 +183,15 @@ def build_shared(plan: ChannelPlan, keeps: list[dict[int, torch.Tensor]], trunk:
     """The shared engine over a union trunk (images -> union features): each module's head columns in it."""
     union = union_keeps(plan, keeps)
     head = plan.head
-    position = {int(c): i for i, c in enumerate(union[head.in_space].tolist())}
+    position = {int(c): i for i, c in enumerate(union[plan.head_space].tolist())}
     columns = []
     for keep in keeps:
-        kept = _sorted_keep(keep, plan)[head.in_space]
+        kept = _sorted_keep(keep, plan)[plan.head_space]
         cols = torch.tensor([position[int(c)] for c in kept.tolist()], dtype=torch.long)
         columns.append((cols.view(-1, 1) * head.repeat + torch.arange(head.repeat)).flatten())
     from .channels import _feature_index
 
-    return SharedNet(trunk, union, tuple(columns), _feature_index(union[head.in_space], head.repeat))
+    return SharedNet(trunk, union, tuple(columns), _feature_index(union[plan.head_space], head.repeat))
 
 
 def module_sizes(path: Path, manifest: dict[str, Any], modules: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:

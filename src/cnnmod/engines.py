@@ -20,7 +20,16 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .channels import ChannelPlan, _feature_index, _sorted_keep, cut_points, network_cost, split_at, stack
+from .channels import (
+    ChannelPlan,
+    _feature_index,
+    _sorted_keep,
+    cut_points,
+    head_parameters,
+    network_cost,
+    split_at,
+    stack,
+)
 from .errors import CnnmodError
 from .inputs import InputSpec
 
@@ -82,22 +91,22 @@ class CompactNets:
     def head_columns(self, i: int) -> torch.Tensor:
         head = self.plan.head
         keep = _sorted_keep(self.keeps[i], self.plan)
-        return _feature_index(keep[head.in_space], head.repeat)
+        return _feature_index(keep[self.plan.head_space], head.repeat)
 
     def networks(self, head_weight: torch.Tensor, head_bias: torch.Tensor) -> list[fx.GraphModule]:
         """Each module's network with the given heads (M, 2, F) and (M, 2) over the parent's features."""
         out = []
         for i, net in enumerate(self.nets):
-            lin = net.get_submodule(self.plan.head.target)
+            lin_weight, lin_bias = head_parameters(net, self.plan)
             weight = head_weight[i][:, self.head_columns(i)]
-            if torch.equal(weight, lin.weight.detach()) and torch.equal(head_bias[i], lin.bias.detach()):
+            if torch.equal(weight, lin_weight.detach()) and torch.equal(head_bias[i], lin_bias.detach()):
                 out.append(net)
                 continue
             net = copy.deepcopy(net)
-            lin = net.get_submodule(self.plan.head.target)
+            lin_weight, lin_bias = head_parameters(net, self.plan)
             with torch.no_grad():
-                lin.weight.copy_(weight)
-                lin.bias.copy_(head_bias[i])
+                lin_weight.copy_(weight)
+                lin_bias.copy_(head_bias[i])
             out.append(net)
         return out
 

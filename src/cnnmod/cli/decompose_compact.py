@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -22,8 +23,10 @@ from .common import ModelSource, describe_spec, open_dataset, open_parent, warn_
 def compact_config(stream_keep: float | None, inner_keep: float | None, train_images: int | None,
                    seed: int) -> CompactConfig:
     """The compact method's configuration: the defaults, with what the command line set."""
-    given = {"stream_keep": stream_keep, "inner_keep": inner_keep, "train_images": train_images}
-    return CompactConfig(seed=seed, **{k: v for k, v in given.items() if v is not None})
+    defaults = CompactConfig(seed=seed)
+    return replace(defaults, stream_keep=defaults.stream_keep if stream_keep is None else stream_keep,
+                   inner_keep=defaults.inner_keep if inner_keep is None else inner_keep,
+                   train_images=defaults.train_images if train_images is None else train_images)
 
 
 def decompose_compact(model: ModelSource, data_path: Path, data_format: str | None, chosen: list[str] | None,

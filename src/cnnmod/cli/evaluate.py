@@ -42,6 +42,9 @@ def evaluate(store: Path, data_path: Path, data_format: str | None, classes: str
     and writes the report."""
     with joined(device) as (shard, device):
         if report_dir is not None:
+            from ..paper.report import require_matplotlib
+
+            require_matplotlib("cnnmod evaluate --report (its plots)")
             shard.first(lambda: check_output(report_dir, "report", overwrite))
         modules = load_store(store, with_activity=False).modules
         chosen = split_classes(classes)
