@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
 from .compose import SCORINGS, ComposedClassifier
 from .distributed import SINGLE, Shard
+from .engines import ENGINES, EngineResult, choose_engine
 from .errors import CnnmodError
 from .metrics import ParameterCount, parameter_counts, precision_recall, topk_accuracy
 from .modules import ModuleSet, score_from_logits
+
+EXACT_UP_TO = 32
+"""`auto` runs the exact engine of masked modules on every image up to this many modules (it costs one pass of
+the parent per module); above it, on AGREEMENT_SAMPLE images."""
+AGREEMENT_SAMPLE = 64
 
 
 @dataclass(frozen=True)
@@ -48,9 +54,12 @@ class Evaluation:
     kept_parameters_mean: float | None = None
     """Mean over modules of kept parameters as a fraction of the parent's (0 to 1)."""
     engine: str | None = None
-    """Compact modules: the engine whose vote `composed` reports (cnnmod.engines); None for masking modules."""
+    """The engine whose vote `composed` reports (cnnmod.engines)."""
     engines: dict | None = None
-    """Compact modules: top-1, top-5 and seconds of every engine that ran, side by side."""
+    """Top-1, top-5 and seconds of every engine that ran on all the images, side by side."""
+    exact_agreement: dict | None = None
+    """Where `exact` did not run on all the images (many masked modules): how often its vote equals the chosen
+    engine's on a sample (`images`, `same_vote` 0 to 1, `seconds`)."""
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -82,49 +91,57 @@ def evaluate(
     progress: bool = True,
     with_parameters: bool = True,
     shard: Shard = SINGLE,
+    engine: str = "auto",
 ) -> Evaluation:
     """`labels[i]` is the position of image i's class among `modules.class_names` (-1: not evaluated).
+
+    `engine` runs the composed classifier (cnnmod.engines); `auto` runs every engine that is affordable and reports
+    the fastest whose top-1 is within 0.1 point of `exact`. For more than EXACT_UP_TO masked modules `exact` costs
+    that many passes of the parent, so `auto` runs `shared` and checks its vote against `exact` on a sample.
 
     Under torchrun (`shard`), each process runs the parent and the modules on its share of the images and the
     outputs are gathered, so every rank returns the evaluation of all of them."""
     if scoring not in SCORINGS:
         raise CnnmodError(f"unknown scoring {scoring!r}; choose from {', '.join(SCORINGS)}")
+    if engine not in ("auto", *ENGINES):
+        raise CnnmodError(f"unknown engine {engine!r}; choose from auto, {', '.join(ENGINES)}")
+    if engine == "shared" and modules.compact is not None and modules.compact.shared is None:
+        raise CnnmodError("these compact modules have no shared network (their decomposition shared no layers); "
+                          "use --engine exact")
     keep = labels >= 0
     images, targets = images[keep], torch.as_tensor(labels[keep])
     if len(targets) == 0:
         raise CnnmodError("no evaluation samples belong to the modules' classes")
     seconds: dict[str, float] = {}
     mine = images[shard.part(len(images))]
-    start = time.perf_counter()
-    columns = torch.tensor(modules.class_indices)
-    parent_part = modules.parent.logits(mine, batch_size, device, progress)[:, columns] if len(mine) else \
-        torch.zeros((0, len(columns)))  # a process with no images of its own (fewer images than processes)
-    parent_logits = shard.gather_rows(parent_part.to(shard.device))
-    seconds["parent"] = time.perf_counter() - start
-    start = time.perf_counter()
-    module_part = modules.logits(mine, batch_size, device, progress) if len(mine) else \
-        torch.zeros((0, len(modules), 2))
-    module_logits = shard.gather_rows(module_part.to(shard.device))
-    seconds["composed"] = time.perf_counter() - start
-    parent_logits, module_logits = parent_logits.cpu(), module_logits.cpu()
-    engine, engines = None, None
-    if modules.compact is not None:  # compact modules: every engine, side by side; the default is chosen
-        from .engines import ENGINES, EngineResult, choose_engine
 
-        runs = {modules.compact.engine: (module_logits, seconds["composed"])}
-        for name in ENGINES:
-            if name not in runs and (name != "shared" or modules.compact.shared is not None):
-                other = replace(modules, compact=modules.compact.with_engine(name))
-                start = time.perf_counter()
-                logits = shard.gather_rows(other.logits(mine, batch_size, device, progress).to(shard.device)).cpu()
-                runs[name] = (logits, time.perf_counter() - start)
-        found = {}
-        for name, (logits, secs) in runs.items():
-            scores = score_from_logits(logits, scoring)
-            found[name] = EngineResult(topk_accuracy(scores, targets, 1), topk_accuracy(scores, targets, 5), secs)
-        engine = choose_engine(found)
-        engines = {name: asdict(r) for name, r in found.items()}
-        module_logits, seconds["composed"] = runs[engine]
+    def timed_logits(fn: Callable[[np.ndarray], torch.Tensor], part: np.ndarray,
+                     width: int) -> tuple[torch.Tensor, float]:
+        start = time.perf_counter()
+        local = fn(part) if len(part) else torch.zeros((0, *([width, 2] if width else [len(columns)])))
+        gathered = shard.gather_rows(local.to(shard.device)).cpu()  # a process with no images: nothing to run
+        return gathered, time.perf_counter() - start
+
+    columns = torch.tensor(modules.class_indices)
+    parent_logits, seconds["parent"] = timed_logits(
+        lambda x: modules.parent.logits(x, batch_size, device, progress)[:, columns], mine, 0)
+    runs: dict[str, tuple[torch.Tensor, float]] = {}
+    for name in engines_to_run(modules, engine):
+        runs[name] = timed_logits(modules.with_engine(name).logits_of(batch_size, device, progress), mine,
+                                  len(modules))
+    found = {name: EngineResult(*_top1_top5(logits, targets, scoring), secs) for name, (logits, secs) in runs.items()}
+    chosen = engine if engine != "auto" else choose_engine(found) if "exact" in found else "shared"
+    agreement = None
+    if "exact" not in runs:  # the exact engine on a sample only: how often its vote is the chosen engine's
+        per_rank = -(-AGREEMENT_SAMPLE // shard.world)
+        exact, secs = timed_logits(modules.with_engine("exact").logits_of(batch_size, device, progress),
+                                   mine[:per_rank], len(modules))
+        ours = runs[chosen][0][_sample_rows(len(images), shard, per_rank)]
+        agreement = {"images": len(exact), "seconds": secs,
+                     "same_vote": float((score_from_logits(exact, scoring).argmax(1) ==
+                                         score_from_logits(ours, scoring).argmax(1)).float().mean())}
+    module_logits, seconds["composed"] = runs[chosen]
+    engines = {name: asdict(r) for name, r in found.items()}
     k = len(modules)
     parent_pred = parent_logits.argmax(1)
     composed = {}
@@ -155,9 +172,33 @@ def evaluate(
         modules=reports,
         seconds=seconds,
         kept_parameters_mean=float(np.mean(kept.kept)) / kept.parent if kept and kept.parent else None,
-        engine=engine,
+        engine=chosen,
         engines=engines,
+        exact_agreement=agreement,
     )
+
+
+def engines_to_run(modules: ModuleSet, engine: str) -> list[str]:
+    """The engines that run on every image: the one asked for, or with `auto` each affordable one."""
+    if engine != "auto":
+        return [engine]
+    if modules.compact is not None:
+        return ["exact"] + (["shared"] if modules.compact.shared is not None else [])
+    return ["exact", "shared"] if len(modules) <= EXACT_UP_TO else ["shared"]
+
+
+def _top1_top5(logits: torch.Tensor, targets: torch.Tensor, scoring: str) -> tuple[float, float]:
+    scores = score_from_logits(logits, scoring)
+    return topk_accuracy(scores, targets, 1), topk_accuracy(scores, targets, 5)
+
+
+def _sample_rows(n: int, shard: Shard, per_rank: int) -> torch.Tensor:
+    """Positions, among all gathered rows, of the first `per_rank` images of every rank's share."""
+    rows: list[int] = []
+    for rank in range(shard.world):
+        share = range(rank * n // shard.world, (rank + 1) * n // shard.world)
+        rows.extend(share[:per_rank])
+    return torch.tensor(rows, dtype=torch.long)
 
 
 def _parameter_counts(modules: ModuleSet, shard: Shard) -> ParameterCount:

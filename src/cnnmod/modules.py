@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,8 @@ from .errors import CnnmodError
 from .inputs import InputSpec, batch_slices
 from .progress import show_progress
 from .trace import Site, TracedModel, trace_model
+
+MASKED_ENGINES = ("exact", "shared")
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,20 @@ class _MultiHead(nn.Module):
         return torch.baddbmm(self.bias.unsqueeze(1), f, self.weight.transpose(1, 2)).transpose(0, 1)
 
 
+class _SharedHeads(nn.Module):
+    """M two-output heads all reading the same features (the shared engine); output (B, M, 2)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.weight: torch.Tensor
+        self.bias: torch.Tensor
+        self.register_buffer("weight", weight.float())
+        self.register_buffer("bias", bias.float())
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bf,mkf->bmk", features.flatten(1), self.weight) + self.bias
+
+
 class _Features(nn.Module):
     def __init__(self, modules: int) -> None:
         super().__init__()
@@ -220,6 +236,20 @@ class ModuleSet:
     compact: Any = None
     """cnnmod.engines.CompactNets for compact modules (each its own small network, `--method compact`): then
     `logits` runs those networks (with these heads) instead of masking the parent."""
+    engine: str = "exact"
+    """How `logits` runs modules that mask their parent: `exact`, each module's own masked network (M passes of
+    the parent), or `shared`, one pass of the parent masked by the union of the modules' masks, every head reading
+    those features (cnnmod.engines). Compact modules carry their engine in `compact`."""
+
+    def __post_init__(self) -> None:
+        if self.engine not in MASKED_ENGINES:
+            raise CnnmodError(f"unknown engine {self.engine!r}; choose from {', '.join(MASKED_ENGINES)}")
+
+    def with_engine(self, engine: str) -> ModuleSet:
+        """The same modules run by another engine."""
+        if self.compact is not None:
+            return replace(self, compact=self.compact.with_engine(engine))
+        return replace(self, engine=engine)
 
     def __len__(self) -> int:
         return len(self.class_indices)
@@ -244,7 +274,7 @@ class ModuleSet:
         return ModuleSet(
             self.parent, tuple(self.class_indices[r] for r in rows), self.sites,
             {k: v[idx] for k, v in self.masks.items()}, self.head_weight[idx], self.head_bias[idx], self.config,
-            self.compact.select(rows) if self.compact is not None else None,
+            self.compact.select(rows) if self.compact is not None else None, self.engine,
         )
 
     def require_masked(self, what: str) -> None:
@@ -263,21 +293,39 @@ class ModuleSet:
         _replace_head(net, traced.head.node, head)
         return net.to(resolve_device(device)).eval()
 
+    def shared_network(self, device: torch.device | str | None = None) -> nn.Module:
+        """The shared engine: the parent masked by the union of the modules' masks (a node is kept when any module
+        keeps it), one forward pass, every module's head reading those features: (B, C, H, W) -> (B, M, 2)."""
+        self.require_masked("the shared engine of masked modules")
+        traced = self.parent.model
+        union = {s.name: self.masks[s.name].any(0, keepdim=True) for s in self.sites}
+        net = masked_network(traced, self.sites, union, 1)
+        _replace_head(net, traced.head.node, _SharedHeads(self.head_weight, self.head_bias))
+        return net.to(resolve_device(device)).eval()
+
     def logits(self, images: np.ndarray, batch_size: int = 256, device: torch.device | str | None = None,
                progress: bool = False, chunk: int = 16) -> torch.Tensor:
-        """Raw (z_c, z_uc) of every module for every image, (N, M, 2); modules run `chunk` at a time."""
+        """Raw (z_c, z_uc) of every module for every image, (N, M, 2), by this set's engine; the exact engine runs
+        modules `chunk` at a time."""
         device = resolve_device(device)
         if self.compact is not None:
             from .engines import run_engine
 
             return run_engine(self.compact, self.parent.input_spec, self.head_weight, self.head_bias, images,
                               batch_size, device, progress)
+        if self.engine == "shared":
+            return self._run(self.shared_network(device), images, batch_size, device, progress, "modules")
         parts = []
         for start in range(0, len(self), chunk):
             names = self.class_names[start:start + chunk]
             net = self.select(names).network(device)
             parts.append(self._run(net, images, max(1, batch_size // len(names)), device, progress, "modules"))
         return torch.cat(parts, dim=1)
+
+    def logits_of(self, batch_size: int = 256, device: torch.device | str | None = None,
+                  progress: bool = False) -> Callable[[np.ndarray], torch.Tensor]:
+        """`logits` as a function of the images alone."""
+        return lambda images: self.logits(images, batch_size, device, progress)
 
     def features(self, images: np.ndarray, batch_size: int = 256, device: torch.device | str | None = None,
                  progress: bool = False) -> torch.Tensor:

@@ -27,6 +27,10 @@ from .shards import open_dataset_once, total_energy
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
 @click.option("--limit", type=COUNT, default=None, help="Evaluate on N images spread evenly over the classes.")
 @click.option("--batch-size", type=COUNT, default=256, show_default=True)
+@click.option("--engine", type=click.Choice(["auto", "exact", "shared"]), default="auto", show_default=True,
+              help="How the composed classifier runs: exact (each module its own network), shared (one network "
+                   "per parent, every head reading shared features), or auto: the faster whose top-1 is within "
+                   "0.1 point of exact; above 32 masked modules, shared, checked against exact on 64 images.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write a Markdown report with plots to this folder.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing report folder.")
@@ -34,7 +38,7 @@ from .shards import open_dataset_once, total_energy
 @json_option
 @reports_errors
 def evaluate(store: Path, data_path: Path, data_format: str | None, classes: str | None, scoring: str,
-             split: str, limit: int | None, batch_size: int, report_dir: Path | None, overwrite: bool,
+             split: str, limit: int | None, batch_size: int, engine: str, report_dir: Path | None, overwrite: bool,
              device: str | None, as_json: bool) -> None:
     """Compare the parent with the classifier composed from STORE's modules (or --classes of them).
 
@@ -60,7 +64,7 @@ def evaluate(store: Path, data_path: Path, data_format: str | None, classes: str
         images = data.images
         with EnergyMeter() as meter:
             result = run_evaluate(modules, images, labels, scoring, batch_size, device,
-                                  progress=not as_json and shard.main, shard=shard)
+                                  progress=not as_json and shard.main, shard=shard, engine=engine)
         energy = total_energy(shard, meter.report)
         if not shard.main:
             return
@@ -83,7 +87,15 @@ def format_evaluation(result: Evaluation) -> str:
         [[m.cls, m.jaccard, m.kept_parameters, _or_none(m.parent_recall), _or_none(m.recall), m.precision]
          for m in result.modules],
     )
-    return f"{result.samples} images\n\n{table}\n{per_class}"
+    engines = ""
+    if result.engines:
+        ran = "; ".join(f"{name}: top-1 {r['top1']:.4f}, {r['seconds']:.2f} s" for name, r in result.engines.items())
+        engines = f"engine: {result.engine} ({ran})\n"
+    if result.exact_agreement:
+        a = result.exact_agreement
+        engines += (f"exact engine on {a['images']} images ({a['seconds']:.1f} s): same vote as {result.engine} on "
+                    f"{a['same_vote']:.1%}\n")
+    return f"{result.samples} images\n{engines}\n{table}\n{per_class}"
 
 
 def write_evaluation_report(folder: Path, title: str, result: Evaluation, overlap) -> Path:  # type: ignore[no-untyped-def]
