@@ -25,6 +25,8 @@ from .common import MODEL, ModelSource, open_dataset, open_parent
 from .params import COUNT, RATE, SEED
 
 SHARED = Path("../shared")
+COMPACT_TRAIN_IMAGES = 5_000
+"""The compact fine-tune budget of `intra-reuse --method compact`, sized like the other defaults for a CPU."""
 
 
 @cli.group()
@@ -127,16 +129,27 @@ def with_common(f):  # type: ignore[no-untyped-def]
 @click.option("--data", "data_path", type=click.Path(exists=True, path_type=Path),
               default=SHARED / "data/cifar10-jpg.tar.gz", show_default=True)
 @click.option("--pairs", default="cat:dog,automobile:truck,deer:horse", show_default=True)
+@click.option("--method", type=click.Choice(["paper", "compact"]), default="paper", show_default=True,
+              help="paper: masked modules (Pan & Rajan); compact: small modules, each its own network of the kept "
+                   "channels, fine-tuned from the parent (`decompose --method compact`, its default keep "
+                   "fractions).")
+@click.option("--train-images", type=click.IntRange(min=0), default=COMPACT_TRAIN_IMAGES, show_default=True,
+              help="compact: training images of each fine-tune (the store's and each pair's; 0: none). "
+                   "`decompose --method compact` uses 150000.")
 @with_common
-def intra_reuse(model: Path, arch: str, data_path: Path, pairs: str, epochs: int, samples_per_class: int, seed: int,
-                out: ReportTarget | None, device: str | None, as_json: bool) -> None:
-    """Table 2: a parent's modules for a class pair, composed, vs the same architecture trained on the pair."""
+def intra_reuse(model: Path, arch: str, data_path: Path, pairs: str, method: str, train_images: int, epochs: int,
+                samples_per_class: int, seed: int, out: ReportTarget | None, device: str | None,
+                as_json: bool) -> None:
+    """Table 2: a parent's modules for a class pair, composed, vs the same architecture trained on the pair, in
+    accuracy, energy, parameters and inference time."""
+    from ..compact import CompactConfig
     from ..paper.experiments import intra_reuse as run
 
     data = open_dataset(data_path, None, None, as_json)
     parent = open_parent(_source(model, arch), data.classes)
+    compact = CompactConfig(train_images=train_images, seed=seed) if method == "compact" else None
     result = run(parent, data, _pairs(pairs), parent.arch, epochs, _config(samples_per_class, seed), seed, device,
-                 not as_json)
+                 not as_json, compact)
     _finish(result, out, {"train from scratch": "train_kwh", "decompose + compose": "reuse_kwh",
                           "compose from a store": "store_kwh"}, "pair", as_json)
 

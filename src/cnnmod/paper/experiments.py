@@ -6,7 +6,9 @@ architecture from scratch on the same classes, so the two can be compared side b
 
 from __future__ import annotations
 
+import math
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,15 +19,18 @@ import torch
 from tqdm.auto import tqdm
 
 from ..calibrate import calibrate, labelled_sample
+from ..channels import parent_cost
+from ..compact import CompactConfig, decompose_compact
 from ..compose import ComposedClassifier, compose, replace
 from ..data import Dataset, ImageSet
 from ..decompose import DecomposeConfig, decompose
 from ..energy import EnergyMeter, EnergyReport
+from ..engines import compact_parameters
 from ..evaluate import relabel
 from ..inputs import InputSpec, as_format
-from ..metrics import topk_accuracy
-from ..modules import Parent
-from ..progress import show_progress
+from ..metrics import parameter_counts, topk_accuracy
+from ..modules import ModuleSet, Parent
+from ..progress import compact_progress, show_progress
 from ..reuse import activity_on, forget, own_activity, recalibrate
 from ..store import load_store, save_store
 from ..train import train_parent
@@ -103,39 +108,61 @@ def _energy_columns(row: dict[str, Any], name: str, report: EnergyReport) -> Non
 
 def intra_reuse(parent: Parent, data: Dataset, pairs: Sequence[tuple[str, str]], arch: str, epochs: int,
                 config: DecomposeConfig, seed: int = 0, device: torch.device | str | None = None,
-                progress: bool = True) -> Experiment:
+                progress: bool = True, compact: CompactConfig | None = None, batch_size: int = 256,
+                repeats: int = 3) -> Experiment:
     """For each class pair: modules of `parent` composed vs `arch` trained from scratch on the pair.
 
     Reuse is measured two ways: decomposing the pair's classes fresh and composing them, and composing them
-    from a store of all the parent's modules decomposed once beforehand (what every later reuse costs)."""
+    from a store of all the parent's modules decomposed once beforehand (what every later reuse costs). The
+    modules are the paper's masked ones, or compact ones (cnnmod.compact) with `compact`. Each pair's classifier
+    is also set against the parent and the scratch model in parameters and in inference time (the fastest of
+    `repeats` runs over the pair's test images, `batch_size` images a batch)."""
     train_images, train_labels = parent_labels(parent, data.train)
     parent.logits(train_images[:256], device=device)  # warm-up, so the first pair is not charged for it
     with tempfile.TemporaryDirectory() as folder:
         with EnergyMeter() as meter:
-            save_store(Path(folder) / "store", decompose(parent, train_images, train_labels, config, device=device,
-                                                         progress=progress)[0])
+            save_store(Path(folder) / "store", _decompose(parent, train_images, train_labels, config, compact, None,
+                                                          device, progress))
         store_energy = meter.report
         rows = [_intra_pair(parent, data, train_images, train_labels, Path(folder) / "store", a, b, arch, epochs,
-                            config, seed, device, progress) for a, b in pairs]
+                            config, compact, seed, device, progress, batch_size, repeats) for a, b in pairs]
     _mean_row(rows, "pair")
+    method = "compact modules" if compact is not None else "masked modules"
     return Experiment(
         "intra-dataset reuse (Table 2)",
         ("pair", "composed", "scratch", "delta", "reuse_kwh", "store_kwh", "train_kwh", "energy_ratio",
-         "store_energy_ratio"), rows,
+         "store_energy_ratio", "params_vs_parent", "params_vs_scratch", "time_vs_parent", "time_vs_scratch"), rows,
         [f"scratch: {arch} trained {epochs} epochs on the pair; accuracy on the pair's test images",
-         "reuse: decompose the pair's classes from the parent in one pass and compose; store: compose the pair "
-         "from a store of all classes decomposed once (load, select, compose)",
+         f"reuse: decompose the pair's classes from the parent in one pass ({method}) and compose; store: compose "
+         "the pair from a store of all classes decomposed once (load, select, compose)",
          f"decomposing all {len(parent.classes)} classes into that store, once: {store_energy.describe()}",
-         "energy ratios: train over reuse, train over store; the mean row divides mean energies"],
-        {"store_decompose": store_energy.to_json(), "parent_classes": len(parent.classes)})
+         "energy ratios: train over reuse, train over store; the mean row divides mean energies",
+         "params: the pair classifier's parameters (the two modules' " +
+         ("networks" if compact is not None else "kept conv and linear parameters") +
+         ", added) over the parent's and over the scratch model's; time: its inference time over theirs, the "
+         f"fastest of {repeats} runs over the pair's test images, {batch_size} images a batch"],
+        {"store_decompose": store_energy.to_json(), "parent_classes": len(parent.classes),
+         "method": "compact" if compact is not None else "paper",
+         **({"compact_config": compact.to_json()} if compact is not None else {})})
+
+
+def _decompose(parent: Parent, images: np.ndarray, labels: np.ndarray, config: DecomposeConfig,
+               compact: CompactConfig | None, classes: Sequence[str] | None, device: torch.device | str | None,
+               progress: bool) -> ModuleSet:
+    """The parent's modules for `classes` (default: all): masked by the paper's rule, or compact with `compact`."""
+    if compact is None:
+        return decompose(parent, images, labels, config, classes, device=device, progress=progress)[0]
+    with compact_progress(compact.train_images, "compact fine-tune", progress) as tick:
+        return decompose_compact(parent, images, labels, compact, classes, tick)[0]
 
 
 def _intra_pair(parent: Parent, data: Dataset, train_images: np.ndarray, train_labels: np.ndarray, store: Path,
-                a: str, b: str, arch: str, epochs: int, config: DecomposeConfig, seed: int,
-                device: torch.device | str | None, progress: bool) -> dict[str, Any]:
+                a: str, b: str, arch: str, epochs: int, config: DecomposeConfig, compact: CompactConfig | None,
+                seed: int, device: torch.device | str | None, progress: bool, batch_size: int = 256,
+                repeats: int = 3) -> dict[str, Any]:
     test = data.test.subset([a, b])
     with EnergyMeter() as meter:
-        modules, _ = decompose(parent, train_images, train_labels, config, [a, b], device=device, progress=progress)
+        modules = _decompose(parent, train_images, train_labels, config, compact, [a, b], device, progress)
         composed = compose([modules])
     reuse_energy = meter.report
     with EnergyMeter() as meter:
@@ -151,7 +178,50 @@ def _intra_pair(parent: Parent, data: Dataset, train_images: np.ndarray, train_l
     _energy_columns(row, "store", store_energy)
     _energy_columns(row, "train", train_energy)
     _energy_ratios(row)
+    row.update(_size_and_speed(modules, composed, parent, scratch, test.images, batch_size, device, repeats))
     return row
+
+
+def module_parameters(modules: ModuleSet) -> tuple[int, int]:
+    """(the modules' parameters added up, the parent's conv and linear parameters): the kept parameters of masked
+    modules, the parameters of compact modules' networks."""
+    if modules.compact is not None:
+        each, whole = compact_parameters(modules)
+        return sum(each), whole
+    counts = parameter_counts(modules)
+    return sum(counts.kept), counts.parent
+
+
+def fastest_seconds(runs: dict[str, Callable[[], object]], repeats: int = 3) -> dict[str, float]:
+    """The fastest of `repeats` wall-clock times of each run; the runs take turns, so drift is shared."""
+    best = dict.fromkeys(runs, math.inf)
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def _size_and_speed(modules: ModuleSet, composed: ComposedClassifier, parent: Parent, scratch: Parent,
+                    images: np.ndarray, batch_size: int, device: torch.device | str | None,
+                    repeats: int) -> dict[str, Any]:
+    """The pair classifier's parameters and inference time, with the parent's and the scratch model's."""
+    pair_parameters, parent_parameters = module_parameters(modules)
+    scratch_parameters = parent_cost(scratch.model)[0]
+    seconds = fastest_seconds({
+        "composed": lambda: composed.predict(images, batch_size, device),
+        "parent": lambda: parent.logits(images, batch_size, device),
+        "scratch": lambda: scratch.logits(images, batch_size, device),
+    }, repeats)
+    return {"composed_parameters": pair_parameters, "parent_parameters": parent_parameters,
+            "scratch_parameters": scratch_parameters,
+            "params_vs_parent": pair_parameters / parent_parameters,
+            "params_vs_scratch": pair_parameters / scratch_parameters,
+            "composed_inference_s": seconds["composed"], "parent_inference_s": seconds["parent"],
+            "scratch_inference_s": seconds["scratch"],
+            "time_vs_parent": seconds["composed"] / max(seconds["parent"], 1e-12),
+            "time_vs_scratch": seconds["composed"] / max(seconds["scratch"], 1e-12)}
 
 
 def _energy_ratios(row: dict[str, Any]) -> None:

@@ -216,28 +216,38 @@ def plot_overlap_heatmap(
 
 
 _TRADEOFF_KEYS = ("granularity", "rho", "jaccard", "top1")
+_TRADEOFF_AXES = {"jaccard": "mean Jaccard index (kept-node fraction)",
+                  "kept_parameters": "mean kept parameters (fraction of the parent's)"}
 
 
-def plot_tradeoff(path: Path | str, rows: Sequence[Mapping[str, Any]], title: str = "") -> Path:
-    """Composed top-1 (%) against mean module size (mean Jaccard index / kept-node fraction); returns `path`.
+def plot_tradeoff(path: Path | str, rows: Sequence[Mapping[str, Any]], title: str = "",
+                  x: str = "jaccard") -> Path:
+    """Composed top-1 (%) against mean module size (`x`: "jaccard", the mean Jaccard index / kept-node
+    fraction, or "kept_parameters", the mean kept-parameter fraction); returns `path`.
 
-    Each row is one decomposition: "granularity" (str), "rho" (float), "jaccard" (fraction in [0, 1]),
-    "top1" (composed top-1, fraction) and optionally "parent_top1" (fraction). One line per granularity, in
-    order of first appearance, points sorted by Jaccard index and labelled with rho; the parent's top-1 is a
-    dashed horizontal line. Rows that disagree on "parent_top1" raise ValueError: one plot, one parent.
+    Each row is one decomposition: "granularity" (str), "rho" (float), the `x` key (fraction in [0, 1]),
+    "top1" (composed top-1, fraction) and optionally "parent_top1" (fraction). A row with "keep" (float) in place
+    of granularity and rho is a compact decomposition: those rows are one series of square markers, labelled
+    with their keep fraction. One line per granularity, in order of first appearance, points sorted by size and
+    labelled with rho; the parent's top-1 is a dashed horizontal line. Rows that disagree on "parent_top1" raise
+    ValueError: one plot, one parent.
     """
+    if x not in _TRADEOFF_AXES:
+        raise ValueError(f"x is {x!r}; choose from {', '.join(_TRADEOFF_AXES)}")
     if not rows:
         raise ValueError("no rows to plot; pass at least one decomposition result")
-    groups: dict[str, list[tuple[float, float, float]]] = {}
+    groups: dict[str, list[tuple[float, float, str]]] = {}
     parents: set[float] = set()
     for i, row in enumerate(rows):
-        missing = [key for key in _TRADEOFF_KEYS if key not in row]
+        compact = "keep" in row
+        needed = (x, "top1") if compact else tuple(x if key == "jaccard" else key for key in _TRADEOFF_KEYS)
+        missing = [key for key in needed if key not in row]
         if missing:
-            needed = ", ".join(_TRADEOFF_KEYS)
-            raise ValueError(f"row {i} lacks {', '.join(missing)}; each row needs {needed}")
-        rho = float(row["rho"])
-        jaccard, top1 = _fractions(f"row {i} jaccard/top1", [row["jaccard"], row["top1"]])
-        groups.setdefault(str(row["granularity"]), []).append((float(jaccard), float(top1) * 100.0, rho))
+            raise ValueError(f"row {i} lacks {', '.join(missing)}; each row needs {', '.join(needed)}")
+        size, top1 = _fractions(f"row {i} {x}/top1", [row[x], row["top1"]])
+        series, label = ("compact", f"keep={float(row['keep']):g}") if compact else \
+            (str(row["granularity"]), f"ρ={float(row['rho']):g}")
+        groups.setdefault(series, []).append((float(size), float(top1) * 100.0, label))
         if row.get("parent_top1") is not None:
             parents.add(float(_fractions(f"row {i} parent_top1", [row["parent_top1"]])[0]))
     if len(parents) > 1:
@@ -248,20 +258,22 @@ def plot_tradeoff(path: Path | str, rows: Sequence[Mapping[str, Any]], title: st
 
     fig = _figure((7.0, 5.0))
     ax = fig.add_subplot()
-    for granularity, points in groups.items():
+    mixed = "compact" in groups
+    for series, points in groups.items():
         points.sort()
         xs, ys, _ = zip(*points, strict=True)
-        (line,) = ax.plot(xs, ys, marker="o", label=granularity)
-        for x, y, rho in points:
-            ax.annotate(f"ρ={rho:g}", (x, y), xytext=(4, 4), textcoords="offset points", fontsize=8,
+        name = f"paper, {series}" if mixed and series != "compact" else series
+        (line,) = ax.plot(xs, ys, marker="s" if series == "compact" else "o", label=name)
+        for px, py, label in points:
+            ax.annotate(label, (px, py), xytext=(4, 4), textcoords="offset points", fontsize=8,
                         color=line.get_color())
     if parents:
         ax.axhline(parents.pop() * 100.0, linestyle="--", color="0.3", label="parent")
-    ax.margins(x=0.08)  # room for the rho labels at the ends
-    ax.set_xlabel("mean Jaccard index (kept-node fraction)")
+    ax.margins(x=0.08)  # room for the point labels at the ends
+    ax.set_xlabel(_TRADEOFF_AXES[x])
     ax.set_ylabel("composed top-1 (%)")
     ax.grid(alpha=0.3)
-    ax.legend(title="granularity")
+    ax.legend(title=None if mixed else "granularity")
     if title:
         ax.set_title(title)
     return _save_figure(fig, path)
