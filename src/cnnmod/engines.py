@@ -1,9 +1,10 @@
 """Composition engines for compact modules: how the modules of one parent are run to get their (z_c, z_uc).
 
-- `exact`: every module runs its own network. Modules of one parent run together: on a GPU as one stacked
-  network of grouped convolutions (cnnmod.channels.stack, modules padded to the widest), on a CPU one after the
-  other on the same batch, because oneDNN's grouped convolutions of these widths were measured slower than the
-  modules run in turn (docs/RESULTS.md). Both give each module's own output.
+- `exact`: every module runs its own network. Modules of one parent run together: the layers they share (a
+  frozen prefix of the parent) once, then their own layers as one stacked network of grouped convolutions
+  (cnnmod.channels.stack, modules padded to the widest), channels-last on a CPU, where oneDNN's grouped
+  convolutions of these widths are otherwise slower than the modules run in turn (docs/RESULTS.md). Without a
+  shared prefix, on a CPU, the modules run one after the other on the same batch. Each module's output is its own.
 - `shared`: one network per parent holding the union of the modules' channels; one forward pass, and every
   module's head reads the shared features. It exists only where the decomposition wrote one (a shared-weight
   method); its vote can differ from `exact`, so `evaluate` reports both.
@@ -126,8 +127,10 @@ class CompactNets:
         if batching == "auto":
             batching = "grouped" if (cut is not None or device.type != "cpu") else "each"
         if batching == "grouped" and self.base is not None and len(nets) > 1:
-            return stack(self.base, self.plan, self.keeps, nets, cut=cut,
-                         input_shape=self.input_shape or None).to(device).eval()
+            stacked = stack(self.base, self.plan, self.keeps, nets, cut=cut, input_shape=self.input_shape or None)
+            if device.type == "cpu":  # oneDNN's grouped convolutions are 1.5-2x faster channels-last (RESULTS.md)
+                stacked = stacked.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            return stacked.to(device).eval()
         if cut is not None:  # the layers every module holds identically run once (bit-identical outputs)
             trunk = split_at(nets[0], cut)[0]
             return _Each([split_at(net, cut)[1] for net in nets], trunk).to(device).eval()

@@ -64,7 +64,7 @@ from .shards import open_dataset_once, total_energy
 @click.option("--inner-keep", type=FiniteFloat(0.0, 1.0, open_low=True), default=None,
               help="compact: fraction of every other channel space after the shared prefix [default: 0.24].")
 @click.option("--train-images", type=click.IntRange(min=0), default=None,
-              help="compact: training images of the joint fine-tune (0: none) [default: 150000].")
+              help="compact: training images of the joint fine-tune (0: none) [default: 250000].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @device_option
 @json_option

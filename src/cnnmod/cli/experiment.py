@@ -135,7 +135,7 @@ def with_common(f):  # type: ignore[no-untyped-def]
                    "fractions).")
 @click.option("--train-images", type=click.IntRange(min=0), default=COMPACT_TRAIN_IMAGES, show_default=True,
               help="compact: training images of each fine-tune (the store's and each pair's; 0: none). "
-                   "`decompose --method compact` uses 150000.")
+                   "`decompose --method compact` uses 250000.")
 @with_common
 def intra_reuse(model: Path, arch: str, data_path: Path, pairs: str, method: str, train_images: int, epochs: int,
                 samples_per_class: int, seed: int, out: ReportTarget | None, device: str | None,
