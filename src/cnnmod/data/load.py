@@ -54,5 +54,7 @@ def load_dataset(path: str | Path, format: str | None = None, classes: Sequence[
         sets = _READERS[format](path, progress)
         if format not in _UNCACHED and write_cache:
             save_cached(directory, key, *sets)
+            # the cache, memory-mapped, in place of the decoded arrays: pages the caller does not read stay on disk
+            sets = load_cached(directory, key) or sets
     dataset = Dataset(dataset_stem(path), *sets)
     return dataset if classes is None else dataset.subset(classes)
