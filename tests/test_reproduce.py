@@ -63,7 +63,7 @@ def tiny_profile() -> Profile:
         detail="cifar10-resnet20", table1_test_per_class=2, rhos=(0.0, 0.5),
         intra_datasets=("cifar10", "imagenet200"), intra_pairs=1, inter_pairs=1, replacements=1,
         replace=(("cifar10", "cifar10-resnet32", "cifar10-resnet20"),), replaced_classes=2,
-        calibration_samples=2, repair_classes=4, repair_arch=tiny, scratch_arch=tiny)
+        calibration_samples=2, repair_classes=4, repair_arch=tiny, scratch_arch=tiny, compact_train_images=64)
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +117,11 @@ def test_every_table_and_figure_is_written_with_the_papers_figures(runs: dict) -
         "intra-dataset reuse", "inter-dataset reuse", "inter-dataset replacement"}
     assert figure6["ratios"]["reuse, fixed epochs"] > 0
     html = (out / "report.html").read_text()
-    for figure in ("87.1", "26.6", "data not here", "not available"):  # paper's Table 1 and 6; CIFAR-100; compact
+    for figure in ("87.1", "26.6", "data not here", "not run here"):  # paper's Table 1 and 6; CIFAR-100; compact
         assert figure in html
+    compact = results["table1"]["parts"]["cifar10-resnet20"]["result"]["compact"]
+    assert compact["status"] == "done", compact
+    assert 0 < compact["kept_parameters"] < 1 and 0 <= compact["top1"] <= 1 and compact["train_images"] == 64
     assert html.count("data:image/png;base64,") >= 5  # four plots of the modules, Figure 6's bars
     assert "<img" in html and 'src="http' not in html and "<link" not in html  # self-contained
 

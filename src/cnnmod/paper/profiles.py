@@ -65,6 +65,7 @@ class Profile:
     repair_classes: int | None  # Table 6: gorilla, groom and the first others (None: all 202)
     repair_arch: str
     scratch_arch: str | None = None  # the model trained to compare with in Tables 3 and 5 (None: parent A's)
+    compact_train_images: int = 250_000  # Table 1's compact modules: fine-tune images (cnnmod's default)
 
     def model(self, key: str) -> ModelSpec:
         for spec in self.models:
@@ -122,6 +123,7 @@ QUICK = Profile(
     intra_datasets=("cifar10", "cifar100"), intra_pairs=2, inter_pairs=2, replacements=1,
     replace=(("cifar10", "cifar10-resnet32", "cifar10-resnet20"),), replaced_classes=3,
     calibration_samples=5, repair_classes=4, repair_arch="resnet20", scratch_arch="resnet20",
+    compact_train_images=1_000,
 )
 
 CPU = Profile(
@@ -142,6 +144,7 @@ CPU = Profile(
              ("cifar100", "cifar100-resnet32", "cifar100-resnet20"),
              ("imagenet200", "imagenet200-resnet32", "imagenet200-resnet20")), replaced_classes=10,
     calibration_samples=10, repair_classes=10, repair_arch="resnet20", scratch_arch="resnet20",
+    compact_train_images=40_000,
 )
 
 FULL = Profile(

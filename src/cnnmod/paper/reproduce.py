@@ -114,17 +114,9 @@ def _digest(value: Any) -> str:
 
 
 def compact_status() -> dict[str, str]:
-    """Whether the engine has compact modules (DESIGN.md: `--method compact`) for the tables' compact columns."""
-    from dataclasses import fields
-
-    from .. import decompose as engine
-    from ..decompose import DecomposeConfig
-
-    methods = getattr(engine, "METHODS", ())
-    if "compact" in methods and "method" in {f.name for f in fields(DecomposeConfig)}:
-        return {"status": "available", "note": "compact modules: decompose(..., DecomposeConfig(method='compact'))"}
-    return {"status": "not available",
-            "note": "cnnmod.decompose has no compact method yet (--method compact); no numbers are shown"}
+    """What the reuse tables say in their compact columns: reproduce runs compact modules for Table 1 only."""
+    return {"status": "not run here",
+            "note": "compact pairs: cnnmod experiment intra-reuse --method compact (parameters and inference time)"}
 
 
 # ---------------------------------------------------------------------------------------------- folder
@@ -527,24 +519,22 @@ def table1_row(ws: Workspace, key: str) -> dict[str, Any]:
 
 
 def _compact_table1(ws: Workspace, key: str, parent: Parent, data: Dataset, test: ImageSet) -> dict[str, Any]:
-    """Size and accuracy of compact modules, when the engine has them (never invented otherwise)."""
-    status = compact_status()
-    if status["status"] != "available":
-        return status
-    from ..decompose import decompose
+    """Size and accuracy of compact modules (`--method compact`) of one Table 1 parent, with the profile's
+    fine-tune budget."""
+    from ..compact import CompactConfig, decompose_compact
     from ..evaluate import evaluate, relabel
     from .experiments import parent_labels
 
+    config = CompactConfig(train_images=ws.profile.compact_train_images, seed=ws.config().seed)
     try:
-        config = ws.config().replace(method="compact")
-        modules, _ = decompose(parent, *parent_labels(parent, data.train), config, device=ws.device, progress=ws.bars)
+        modules, cost = decompose_compact(parent, *parent_labels(parent, data.train), config)
         result = evaluate(modules, test.images, relabel(test.labels, test.classes, modules.class_names),
                           device=ws.device, progress=ws.bars)
     except CnnmodError as e:
         return {"status": "failed", "note": str(e)}
-    kept = float(np.mean([m.kept_parameters for m in result.modules])) / max(result.parent_parameters, 1)
     return {"status": "done", "top1": result.composed[result.scoring].top1,
-            "top5": result.composed[result.scoring].top5, "jaccard": result.jaccard_mean, "kept_parameters": kept}
+            "top5": result.composed[result.scoring].top5, "kept_parameters": result.kept_parameters_mean,
+            "engine": result.engine, "train_images": config.train_images, "seconds": cost.seconds}
 
 
 def table1_detail(ws: Workspace, key: str) -> dict[str, Any]:
