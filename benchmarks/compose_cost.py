@@ -1,6 +1,7 @@
 """The 10-module composed classifier of the shared ResNet-20 against the parent, on the CIFAR-10 test set.
 
-    python benchmarks/compose_cost.py [--method paper|compact] [--store S] [--limit 2000] [--repeats 3]
+    python benchmarks/compose_cost.py [--method paper|compact] [--store S] [--classes cat,dog] [--limit 2000]
+        [--repeats 3]
 Last line: `ratio <composed seconds / parent seconds>` (compact: with the modules' default engine; every engine's
 ratio is printed above it).
 
@@ -37,18 +38,23 @@ def main() -> None:
     ap.add_argument("--store", default=None, help="compact: time this store's modules")
     ap.add_argument("--limit", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--classes", default=None, help="compose only these modules (a reused pair, say)")
     args = ap.parse_args()
     parent, data = resnet20_and_cifar10()
     test = data.test.images[: args.limit]
     if args.method == "paper":
         modules, _ = decompose(parent, data.train.images, data.train.labels,
                                DecomposeConfig(samples_per_class=200), progress=False)
+        if args.classes:
+            modules = modules.select(args.classes.split(","))
         print(f"{len(test)} test images, {len(modules)} modules")
         parent_s, composed_s = side_by_side(lambda: parent.logits(test), lambda: modules.logits(test), args.repeats)
         print(f"parent {parent_s:.2f}s, composed {composed_s:.2f}s")
         print(f"ratio {composed_s / parent_s:.3f}")
         return
     modules = compact_modules(parent, data, args.store)
+    if args.classes:
+        modules = modules.select(args.classes.split(","))
     compact = modules.compact
     engines = ["exact"] + (["shared"] if compact.shared is not None else [])
     print(f"{len(test)} test images, {len(modules)} compact modules, engines {', '.join(engines)}, "
