@@ -132,7 +132,7 @@ def _fuzz(source: Path, tmp: Path, examples: int, load: Any) -> None:
     manifests = [(i, _paths(json.loads(f.read_text()))) for i, f in enumerate(files) if f.name == "manifest.json"]
     outcomes = {"loaded": 0, "refused": 0}
 
-    @settings(max_examples=examples, deadline=None, database=None,
+    @settings(max_examples=examples, deadline=None, database=None, derandomize=True,  # the same mutants every run
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
     @given(mutations(len(files), manifests))
     def check(ops: list[tuple]) -> None:
