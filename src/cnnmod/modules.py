@@ -196,15 +196,8 @@ class _MultiHead(nn.Module):
         return torch.baddbmm(self.bias.unsqueeze(1), f, self.weight.transpose(1, 2)).transpose(0, 1)
 
 
-class _SharedHeads(nn.Module):
+class _SharedHeads(_MultiHead):
     """M two-output heads all reading the same features (the shared engine); output (B, M, 2)."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
-        super().__init__()
-        self.weight: torch.Tensor
-        self.bias: torch.Tensor
-        self.register_buffer("weight", weight.float())
-        self.register_buffer("bias", bias.float())
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return torch.einsum("bf,mkf->bmk", features.flatten(1), self.weight) + self.bias
