@@ -460,6 +460,20 @@ def test_ctrl_c_at_any_moment_is_one_line(tmp_path: Path) -> None:
             assert all(line.startswith("memory: ") for line in lines[:-1]), (delay, err)
 
 
+def test_ctrl_c_during_an_import_waits_for_the_import(tmp_path: Path) -> None:
+    """Python cannot raise KeyboardInterrupt out of importlib's callbacks (it prints "Exception ignored ...
+    Traceback"); the command's handler holds the signal until the import is done, then raises it."""
+    (tmp_path / "slow_module.py").write_text(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\n"
+        "for _ in range(30):\n    time.sleep(0.01)\ndone = True\n")
+    script = (f"import sys, time\nsys.path.insert(0, {str(tmp_path)!r})\n"
+              "from cnnmod.cli.interrupt import install\ninstall()\n"
+              "try:\n    import slow_module\n    time.sleep(5)\n    print('not interrupted')\n"
+              "except KeyboardInterrupt:\n    print('after import' if sys.modules['slow_module'].done else 'inside')\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert (run.returncode, run.stdout.strip(), run.stderr) == (0, "after import", "")
+
+
 # ---------------------------------------------------------------------------- 5. permissions and leftovers
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -13,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..errors import CnnmodError
+from .interrupt import install as install_interrupt_handler
 
 if TYPE_CHECKING:
     from ..energy import EnergyReport
@@ -123,13 +123,9 @@ def split_classes(value: str | None) -> list[str] | None:
     return names
 
 
-def _interrupted(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def main() -> None:
     """The console script: every user error is one line on stderr and an exit status (see the README)."""
-    signal.signal(signal.SIGINT, _interrupted)
+    install_interrupt_handler()
     try:
         code = _run()
     except (KeyboardInterrupt, click.exceptions.Abort):
