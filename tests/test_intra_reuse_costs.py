@@ -47,7 +47,21 @@ def test_two_compact_modules_hold_fewer_parameters_than_the_parent_or_the_scratc
         assert 0 < row["params_vs_parent"] < 1 and 0 < row["params_vs_scratch"] < 1
 
 
-@pytest.mark.parametrize(("option", "value"), [("--method", "masked"), ("--train-images", "-1")])
+def test_a_prefix_narrowed_for_each_pair_makes_smaller_pair_classifiers(cnnmod_cli: Cli, tiny_model: Path,
+                                                                        tiny_data: Path) -> None:
+    whole = intra_reuse(cnnmod_cli, tiny_model, tiny_data, "--method", "compact", "--train-images", 16)
+    narrowed = intra_reuse(cnnmod_cli, tiny_model, tiny_data, "--method", "compact", "--train-images", 16,
+                           "--prefix-keep", 0.5)
+    pair_config = narrowed["summary"]["pair_compact_config"]
+    assert (pair_config["prefix_keep"], pair_config["freeze_prefix"], pair_config["train_images"]) == (0.5, False, 16)
+    assert narrowed["summary"]["compact_config"]["prefix_keep"] == 1.0  # the store keeps the parent's prefix
+    assert "pair_compact_config" not in whole["summary"]
+    for small, big in zip(narrowed["rows"], whole["rows"], strict=True):
+        assert small["params_vs_parent"] < big["params_vs_parent"]
+
+
+@pytest.mark.parametrize(("option", "value"), [("--method", "masked"), ("--train-images", "-1"),
+                                               ("--prefix-keep", "0"), ("--prefix-keep", "1.5")])
 def test_an_unknown_method_or_a_negative_budget_is_a_one_line_usage_error(tiny_model: Path, tiny_data: Path,
                                                                           option: str, value: str) -> None:
     code, stderr = console_error("experiment", "intra-reuse", "--model", tiny_model, "--data", tiny_data, option,

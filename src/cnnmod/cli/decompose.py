@@ -63,8 +63,14 @@ from .shards import open_dataset_once, total_energy
                    "module keeps [default: 0.25].")
 @click.option("--inner-keep", type=FiniteFloat(0.0, 1.0, open_low=True), default=None,
               help="compact: fraction of every other channel space after the shared prefix [default: 0.24].")
+@click.option("--prefix-keep", type=FiniteFloat(0.0, 1.0, open_low=True), default=1.0, show_default=True,
+              help="compact: fraction of the shared prefix's channels the modules keep. 1: the parent's own first "
+                   "layers, frozen (right for many classes); below 1 the prefix is narrowed to the chosen classes' "
+                   "channels and fine-tuned (for a few classes, e.g. a pair: 0.3), which changes the fine-tune's "
+                   "defaults to lr 0.004, 50000 images and a feature hint (weight 5).")
 @click.option("--train-images", type=click.IntRange(min=0), default=None,
-              help="compact: training images of the joint fine-tune (0: none) [default: 250000].")
+              help="compact: training images of the joint fine-tune (0: none) [default: 250000, or 50000 with "
+                   "--prefix-keep below 1].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @device_option
 @json_option
@@ -73,7 +79,7 @@ def decompose(model: ModelSource, data_path: Path, data_format: str | None, clas
               out: Path, samples_per_class: int, tangling_ratio: float, rho: float, granularity: str,
               variant: str, sites: str, delta: float, seed: int, batch_size: int, classes_per_pass: int | None,
               keep_activity: bool, method: str, stream_keep: float | None, inner_keep: float | None,
-              train_images: int | None, overwrite: bool, device: str | None, as_json: bool) -> None:
+              prefix_keep: float, train_images: int | None, overwrite: bool, device: str | None, as_json: bool) -> None:
     """Decompose MODEL into one module per class using the training split of --data.
 
     Under `torchrun --nproc-per-node N -m cnnmod decompose ...` the N processes share the samples and sum their
@@ -82,8 +88,8 @@ def decompose(model: ModelSource, data_path: Path, data_format: str | None, clas
         from .decompose_compact import compact_config, decompose_compact
 
         return decompose_compact(model, data_path, data_format, split_classes(classes), out,
-                                 compact_config(stream_keep, inner_keep, train_images, seed), overwrite, device,
-                                 as_json)
+                                 compact_config(stream_keep, inner_keep, train_images, seed, prefix_keep),
+                                 overwrite, device, as_json)
     config = DecomposeConfig(samples_per_class, tangling_ratio, rho, granularity, variant, sites, delta, seed)
     with joined(device) as (shard, device):
         shard.first(lambda: check_output(out, "store", overwrite))

@@ -21,9 +21,10 @@ from .common import ModelSource, describe_spec, open_dataset, open_parent, warn_
 
 
 def compact_config(stream_keep: float | None, inner_keep: float | None, train_images: int | None,
-                   seed: int) -> CompactConfig:
-    """The compact method's configuration: the defaults, with what the command line set."""
-    defaults = CompactConfig(seed=seed)
+                   seed: int, prefix_keep: float = 1.0) -> CompactConfig:
+    """The compact method's configuration: the defaults (those of a narrowed prefix below 1), with what the
+    command line set."""
+    defaults = CompactConfig(seed=seed).with_prefix_keep(prefix_keep)
     return replace(defaults, stream_keep=defaults.stream_keep if stream_keep is None else stream_keep,
                    inner_keep=defaults.inner_keep if inner_keep is None else inner_keep,
                    train_images=defaults.train_images if train_images is None else train_images)

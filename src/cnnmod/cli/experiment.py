@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from ..paper.experiments import Experiment
 from ..paper.report import require_matplotlib
 from .app import cli, device_option, emit, json_option, reports_errors
 from .common import MODEL, ModelSource, open_dataset, open_parent
-from .params import COUNT, RATE, SEED
+from .params import COUNT, RATE, SEED, FiniteFloat
 
 SHARED = Path("../shared")
 COMPACT_TRAIN_IMAGES = 5_000
@@ -135,11 +135,15 @@ def with_common(f):  # type: ignore[no-untyped-def]
                    "fractions).")
 @click.option("--train-images", type=click.IntRange(min=0), default=COMPACT_TRAIN_IMAGES, show_default=True,
               help="compact: training images of each fine-tune (the store's and each pair's; 0: none). "
-                   "`decompose --method compact` uses 250000.")
+                   "`decompose --method compact` uses 250000, or 50000 with --prefix-keep below 1.")
+@click.option("--prefix-keep", type=FiniteFloat(0.0, 1.0, open_low=True), default=1.0, show_default=True,
+              help="compact: the pairs' own decompositions keep this fraction of the shared prefix's channels, "
+                   "chosen for the pair and fine-tuned (`decompose --prefix-keep`: lr 0.004 and a feature hint); "
+                   "1: the parent's own prefix, as in the store.")
 @with_common
-def intra_reuse(model: Path, arch: str, data_path: Path, pairs: str, method: str, train_images: int, epochs: int,
-                samples_per_class: int, seed: int, out: ReportTarget | None, device: str | None,
-                as_json: bool) -> None:
+def intra_reuse(model: Path, arch: str, data_path: Path, pairs: str, method: str, train_images: int,
+                prefix_keep: float, epochs: int, samples_per_class: int, seed: int, out: ReportTarget | None,
+                device: str | None, as_json: bool) -> None:
     """Table 2: a parent's modules for a class pair, composed, vs the same architecture trained on the pair, in
     accuracy, energy, parameters and inference time."""
     from ..compact import CompactConfig
@@ -148,8 +152,10 @@ def intra_reuse(model: Path, arch: str, data_path: Path, pairs: str, method: str
     data = open_dataset(data_path, None, None, as_json)
     parent = open_parent(_source(model, arch), data.classes)
     compact = CompactConfig(train_images=train_images, seed=seed) if method == "compact" else None
+    pair_compact = replace(compact.with_prefix_keep(prefix_keep), train_images=train_images) \
+        if compact is not None and prefix_keep < 1 else None
     result = run(parent, data, _pairs(pairs), parent.arch, epochs, _config(samples_per_class, seed), seed, device,
-                 not as_json, compact)
+                 not as_json, compact, pair_compact=pair_compact)
     _finish(result, out, {"train from scratch": "train_kwh", "decompose + compose": "reuse_kwh",
                           "compose from a store": "store_kwh"}, "pair", as_json)
 

@@ -109,14 +109,16 @@ def _energy_columns(row: dict[str, Any], name: str, report: EnergyReport) -> Non
 def intra_reuse(parent: Parent, data: Dataset, pairs: Sequence[tuple[str, str]], arch: str, epochs: int,
                 config: DecomposeConfig, seed: int = 0, device: torch.device | str | None = None,
                 progress: bool = True, compact: CompactConfig | None = None, batch_size: int = 256,
-                repeats: int = 3) -> Experiment:
+                repeats: int = 3, pair_compact: CompactConfig | None = None) -> Experiment:
     """For each class pair: modules of `parent` composed vs `arch` trained from scratch on the pair.
 
     Reuse is measured two ways: decomposing the pair's classes fresh and composing them, and composing them
     from a store of all the parent's modules decomposed once beforehand (what every later reuse costs). The
     modules are the paper's masked ones, or compact ones (cnnmod.compact) with `compact`. Each pair's classifier
     is also set against the parent and the scratch model in parameters and in inference time (the fastest of
-    `repeats` runs over the pair's test images, `batch_size` images a batch)."""
+    `repeats` runs over the pair's test images, `batch_size` images a batch). `pair_compact` configures the
+    pairs' own compact decompositions (for example a prefix narrowed to the pair) where it differs from the
+    store's."""
     train_images, train_labels = parent_labels(parent, data.train)
     parent.logits(train_images[:256], device=device)  # warm-up, so the first pair is not charged for it
     with tempfile.TemporaryDirectory() as folder:
@@ -125,9 +127,12 @@ def intra_reuse(parent: Parent, data: Dataset, pairs: Sequence[tuple[str, str]],
                                                           device, progress))
         store_energy = meter.report
         rows = [_intra_pair(parent, data, train_images, train_labels, Path(folder) / "store", a, b, arch, epochs,
-                            config, compact, seed, device, progress, batch_size, repeats) for a, b in pairs]
+                            config, pair_compact or compact, seed, device, progress, batch_size, repeats)
+                for a, b in pairs]
     _mean_row(rows, "pair")
     method = "compact modules" if compact is not None else "masked modules"
+    if pair_compact is not None:
+        method += f", the shared prefix narrowed to {pair_compact.prefix_keep:g} of its channels for the pair"
     return Experiment(
         "intra-dataset reuse (Table 2)",
         ("pair", "composed", "scratch", "delta", "reuse_kwh", "store_kwh", "train_kwh", "energy_ratio",
@@ -143,7 +148,8 @@ def intra_reuse(parent: Parent, data: Dataset, pairs: Sequence[tuple[str, str]],
          f"fastest of {repeats} runs over the pair's test images, {batch_size} images a batch"],
         {"store_decompose": store_energy.to_json(), "parent_classes": len(parent.classes),
          "method": "compact" if compact is not None else "paper",
-         **({"compact_config": compact.to_json()} if compact is not None else {})})
+         **({"compact_config": compact.to_json()} if compact is not None else {}),
+         **({"pair_compact_config": pair_compact.to_json()} if pair_compact is not None else {})})
 
 
 def _decompose(parent: Parent, images: np.ndarray, labels: np.ndarray, config: DecomposeConfig,

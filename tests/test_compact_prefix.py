@@ -1,0 +1,100 @@
+"""A shared prefix narrowed for the decomposed classes (`--prefix-keep`): chosen for them, trained, shared.
+
+On a real (tiny, trained) model: how the narrowed prefix is chosen and stored, what the fine-tune reads, and
+what the feature hint does."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cnnmod import compact as compact_module
+from cnnmod.channels import split_at
+from cnnmod.compact import CompactConfig, choose_cut, compact_decompose, prefix_spaces
+from cnnmod.data import load_dataset
+from cnnmod.engines import common_prefix
+from cnnmod.models_in import ModelSource, open_model
+from cnnmod.store import load_store
+from fixtures.cli import ok_json
+
+
+@pytest.fixture(scope="module")
+def parent_and_data(tiny_model: Path, tiny_data: Path):  # type: ignore[no-untyped-def]
+    data = load_dataset(tiny_data, progress=False)
+    return open_model(ModelSource(str(tiny_model))), data
+
+
+def test_the_narrowed_prefix_defaults_are_those_measured() -> None:
+    narrowed = CompactConfig(seed=3).with_prefix_keep(0.3)
+    assert (narrowed.prefix_keep, narrowed.freeze_prefix, narrowed.lr, narrowed.train_images, narrowed.seed) == \
+        (0.3, False, 0.004, 50_000, 3)
+    assert narrowed.hint_weight == 5.0
+    whole = narrowed.with_prefix_keep(1.0)
+    assert (whole.prefix_keep, whole.freeze_prefix) == (1.0, True)
+
+
+def test_a_pair_with_a_narrowed_prefix_is_smaller_and_its_prefix_runs_once(cnnmod_cli, tiny_model: Path,  # type: ignore[no-untyped-def]
+                                                                         tiny_data: Path, tmp_path: Path) -> None:
+    kept = {}
+    for keep in (1.0, 0.5):
+        store = tmp_path / f"pair{keep}"
+        made = ok_json(cnnmod_cli("decompose", tiny_model, "--data", tiny_data, "--out", store, "--method",
+                                  "compact", "--classes", "red,green", "--prefix-keep", keep, "--train-images", 60,
+                                  "--json"))
+        assert made["config"]["prefix_keep"] == keep and made["config"]["freeze_prefix"] == (keep == 1.0)
+        kept[keep] = made["kept_parameters_mean"]
+        modules = load_store(store).modules
+        compact = modules.compact
+        assert compact is not None and compact.shared is None
+        parent = modules.parent
+        plan = compact.plan
+        common = [sp for sp in prefix_spaces(parent, plan, choose_cut(parent, CompactConfig().shared_prefix))
+                  if plan.spaces[sp].prunable]
+        assert common, "the tiny model has a shared prefix"
+        for space in common:
+            first = compact.keeps[0][space]
+            assert len(first) == max(1, round(keep * plan.spaces[space].size))
+            assert all(torch.equal(k[space], first) for k in compact.keeps)
+        assert common_prefix(list(compact.nets), tuple(parent.model.input_shape)) is not None
+        result = ok_json(cnnmod_cli("evaluate", store, "--data", tiny_data, "--json"))
+        assert result["composed"]["top1"] > 0.5  # two classes, trained on 60 images: better than a coin
+    assert kept[0.5] < kept[1.0]
+
+
+def test_the_fine_tune_reads_only_the_decomposed_classes(parent_and_data, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    parent, data = parent_and_data
+    seen_labels = []
+    real = compact_module.fine_tune
+
+    def spy(parent, nets, images, labels, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen_labels.append(np.unique(labels).tolist())
+        return real(parent, nets, images, labels, *args, **kwargs)
+
+    monkeypatch.setattr(compact_module, "fine_tune", spy)
+    config = CompactConfig(train_images=16, importance_per_class=4, recalibrate_images=0)
+    compact_decompose(parent, data.train.images, data.train.labels, config, [0, 2])
+    compact_decompose(parent, data.train.images, data.train.labels, config)
+    assert seen_labels == [[0, 2], [0, 1, 2]]
+
+
+def _hint_distance(parent, data, hint_weight: float) -> float:  # type: ignore[no-untyped-def]
+    config = replace(CompactConfig(importance_per_class=8, recalibrate_images=0, augment=False).with_prefix_keep(0.5),
+                     train_images=600, hint_weight=hint_weight)
+    result = compact_decompose(parent, data.train.images, data.train.labels, config, [0, 1])
+    cut = choose_cut(parent, config.shared_prefix)
+    assert cut is not None
+    kept = result.keeps[0][result.plan.space_of[cut]]
+    x = parent.input_spec.prepare(data.test.images)
+    with torch.no_grad():
+        ours = split_at(result.nets[0], cut)[0](x)
+        theirs = split_at(parent.model.graph, cut)[0](x)[:, kept]
+    return float(torch.nn.functional.mse_loss(ours, theirs))
+
+
+def test_the_feature_hint_pulls_the_narrowed_prefix_towards_the_parents_channels(parent_and_data) -> None:  # type: ignore[no-untyped-def]
+    parent, data = parent_and_data
+    assert _hint_distance(parent, data, 10.0) < 0.5 * _hint_distance(parent, data, 0.0)
