@@ -80,6 +80,25 @@ def _row(cells: Sequence[str], cls: str = "", first_left: int = 1, paper_cells: 
     return f'<tr class="{cls}">{tds}</tr>' if cls else f"<tr>{tds}</tr>"
 
 
+def _inter_section(title: str, other: str, part: Any, result: dict | None, headers: list[str],
+                   body: list[str]) -> str:
+    """One dataset pair of an inter-dataset table (3 or 5): title, our classes, the table and our notes."""
+    if not result:
+        body.append(_status_row("ours", _why(part), len(headers) - 1))
+    if other == "fashion-mnist":
+        title += " (stands in for CIFAR-100 where its data is not here)"
+    out = [f"<h3>{_e(title)}</h3>"]
+    if result:
+        ca, cb = result.get("classes", [[], []])
+        out.append(f'<p class="notes">our C1..C4, drawn at random: CIFAR-10 {_e(", ".join(ca))}; '
+                   f"{_e(_DATASET_NAMES[other])} {_e(', '.join(cb))}; each of our pairs sits beside the paper's "
+                   "cell of the same indices</p>")
+    out.append(_table(headers, body))
+    if result:
+        out.append(_notes(result["experiment"].get("notes", [])))
+    return "".join(out)
+
+
 def _status_row(label: str, message: str, span: int) -> str:
     return f'<tr class="status"><td class="l">{_e(label)}</td><td class="l" colspan="{span}">{_e(message)}</td></tr>'
 
@@ -341,20 +360,7 @@ def _table3(results: dict[str, Any], plots: _Plots) -> str:
                           pct(_mean([o["scratch"] - o["cl_calibrated"] for o in ours if _num(o.get("cl_calibrated"))])),
                           pct(_mean([o["scratch"] - o["cl_recalibrated"] for o in ours
                                      if _num(o.get("cl_recalibrated"))])), "", "", ""], "ours"))
-        if not result:
-            body.append(_status_row("ours", _why(part), len(headers) - 1))
-        title = f"CIFAR-10 x {_DATASET_NAMES[other]}"
-        if other == "fashion-mnist":
-            title += " (stands in for CIFAR-100 where its data is not here)"
-        out.append(f"<h3>{_e(title)}</h3>")
-        if result:
-            ca, cb = result.get("classes", [[], []])
-            out.append(f'<p class="notes">our C1..C4, drawn at random: CIFAR-10 {_e(", ".join(ca))}; '
-                       f"{_e(_DATASET_NAMES[other])} {_e(', '.join(cb))}; each of our pairs sits beside the paper's "
-                       "cell of the same indices</p>")
-        out.append(_table(headers, body))
-        if result:
-            out.append(_notes(result["experiment"].get("notes", [])))
+        out.append(_inter_section(f"CIFAR-10 x {_DATASET_NAMES[other]}", other, part, result, headers, body))
     out.append(_notes([*paper.get("notes", []),
                        "MMA here is training-free continuous learning (DESIGN.md); the two columns after it add score "
                        "calibration or head recalibration on a few images per class"]))
@@ -439,20 +445,8 @@ def _table5(results: dict[str, Any], plots: _Plots) -> str:
                           pct(_mean([o["replaced_top5"] - o["scratch_top5"] for o in ours
                                      if _num(o.get("scratch_top5")) and _num(o.get("replaced_top5"))])),
                           "", "", "", "", ""], "ours"))
-        if not result:
-            body.append(_status_row("ours", _why(part), len(headers) - 1))
-        title = f"CIFAR-10 module replaced by a {_DATASET_NAMES[other]} module"
-        if other == "fashion-mnist":
-            title += " (stands in for CIFAR-100 where its data is not here)"
-        out.append(f"<h3>{_e(title)}</h3>")
-        if result:
-            ca, cb = result.get("classes", [[], []])
-            out.append(f'<p class="notes">our C1..C4, drawn at random: CIFAR-10 {_e(", ".join(ca))}; '
-                       f"{_e(_DATASET_NAMES[other])} {_e(', '.join(cb))}; each of our pairs sits beside the paper's "
-                       "cell of the same indices</p>")
-        out.append(_table(headers, body))
-        if result:
-            out.append(_notes(result["experiment"].get("notes", [])))
+        out.append(_inter_section(f"CIFAR-10 module replaced by a {_DATASET_NAMES[other]} module", other, part,
+                                  result, headers, body))
     out.append(_notes(["M1/M5: a model trained from scratch on the new classifier's classes, top-1/top-5; D1/D5: "
                        "the composed modules after the replacement; both on the same test images"]))
     return "".join(out)

@@ -150,25 +150,8 @@ def plot_per_class_accuracy(
     parent = _fractions("parent_recall", parent_recall, n) * 100.0
     composed = _fractions("composed_recall", composed_recall, n) * 100.0
 
-    fig = _figure((_scaled(0.45, n, 2.0, 6.0), 4.5 if n <= 10 else 5.5))
-    ax = fig.add_subplot()
-    x = np.arange(n)
-    width = 0.4
-    ax.bar(x - width / 2, parent, width, label="parent", color="#4c72b0")
-    ax.bar(x + width / 2, composed, width, label="composed", color="#dd8452")
-    ax.set_xlim(-0.6, n - 0.4)
-    ax.set_ylim(0.0, 105.0)
-    ax.set_ylabel("per-class accuracy (recall, %)")
-    ax.set_xlabel("class")
-    if n <= _TICK_LABELS_MAX_CLASSES:
-        rotation, align = (0, "center") if n <= 6 else (45, "right") if n <= 20 else (90, "center")
-        ax.set_xticks(x, [str(c) for c in classes], rotation=rotation, ha=align, fontsize=_tick_font(n))
-    ax.grid(axis="y", alpha=0.3)
-    ax.set_axisbelow(True)
-    ax.legend(loc="lower right")
-    if title:
-        ax.set_title(title)
-    return _save_figure(fig, path)
+    return _paired_percent_bars(path, classes, (parent, "parent", "#4c72b0"), (composed, "composed", "#dd8452"),
+                                "per-class accuracy (recall, %)", "class", title)
 
 
 def plot_overlap_heatmap(
@@ -362,16 +345,24 @@ def plot_module_sizes(path: Path | str, classes: Sequence[str], jaccard: Sequenc
         raise ValueError("no classes to plot; pass at least one class name")
     nodes = _fractions("jaccard", jaccard, n) * 100.0
     params = _fractions("kept_parameters", kept_parameters, n) * 100.0
+    return _paired_percent_bars(path, classes, (nodes, "kept nodes (Jaccard index)", "#55a868"),
+                                (params, "kept parameters", "#8172b2"), "share of the parent (%)", "module", title)
+
+
+def _paired_percent_bars(path: Path | str, classes: Sequence[str], left: tuple[np.ndarray, str, str],
+                         right: tuple[np.ndarray, str, str], ylabel: str, xlabel: str, title: str) -> Path:
+    """Two bars (values in %, label, colour) per class, side by side, on a 0-105% axis."""
+    n = len(classes)
     fig = _figure((_scaled(0.45, n, 2.0, 6.0), 4.5 if n <= 10 else 5.5))
     ax = fig.add_subplot()
     x = np.arange(n)
     width = 0.4
-    ax.bar(x - width / 2, nodes, width, label="kept nodes (Jaccard index)", color="#55a868")
-    ax.bar(x + width / 2, params, width, label="kept parameters", color="#8172b2")
+    for offset, (values, label, colour) in ((-width / 2, left), (width / 2, right)):
+        ax.bar(x + offset, values, width, label=label, color=colour)
     ax.set_xlim(-0.6, n - 0.4)
     ax.set_ylim(0.0, 105.0)
-    ax.set_ylabel("share of the parent (%)")
-    ax.set_xlabel("module")
+    ax.set_ylabel(ylabel)
+    ax.set_xlabel(xlabel)
     if n <= _TICK_LABELS_MAX_CLASSES:
         rotation, align = (0, "center") if n <= 6 else (45, "right") if n <= 20 else (90, "center")
         ax.set_xticks(x, [str(c) for c in classes], rotation=rotation, ha=align, fontsize=_tick_font(n))
