@@ -130,3 +130,18 @@ def test_the_masked_network_leaves_the_parent_unchanged() -> None:
     modules_with(parent, 1, 0.8).network()
     assert parent.model.graph.code == code
     assert all(torch.equal(v, before[k]) for k, v in parent.model.graph.state_dict().items())
+
+
+@pytest.mark.parametrize("make", [resnet8, lambda: parent_of(RandomConvNet(), (6, 6))], ids=["resnet8", "convnet"])
+def test_the_parents_inference_network_runs_relus_in_place_with_the_same_outputs(make) -> None:  # type: ignore[no-untyped-def]
+    from cnnmod.modules import inference_network
+
+    parent = make()
+    code = parent.model.graph.code
+    net = inference_network(parent.model)
+    assert "relu_" in net.code and parent.model.graph.code == code  # the parent's own graph is left as it was
+    images = np.random.default_rng(0).integers(0, 256, (9, *parent.input_spec.size, parent.input_spec.channels),
+                                               dtype=np.uint8)
+    with torch.inference_mode():
+        plain = parent.model.graph.eval()(parent.input_spec.prepare(images))
+    assert torch.equal(parent.logits(images, batch_size=4), plain)

@@ -65,7 +65,7 @@ class Parent:
     def logits(self, images: np.ndarray, batch_size: int = 256, device: torch.device | str | None = None,
                progress: bool = False) -> torch.Tensor:
         device = resolve_device(device)
-        net = copy.deepcopy(self.model.graph).to(device).eval()
+        net = inference_network(self.model).to(device).eval()
         return _batched(lambda x: net(self.input_spec.prepare(x, device)), images, batch_size, progress, "parent")
 
 
@@ -120,6 +120,24 @@ class _MaskedReLU(nn.Module):
         if self.mask is not None:
             y.unflatten(0, (self.mask.shape[0], -1)).mul_(self.mask)
         return y
+
+
+def inference_network(traced: TracedModel) -> fx.GraphModule:
+    """A copy of the parent's graph for inference without autograd: each ReLU whose input nothing else reads runs
+    in place (the same values, one batch-sized tensor fewer to allocate per site: about 10% faster on the CIFAR
+    ResNets on a CPU, `benchmarks/decompose_cost.py`)."""
+    from .activity import relu_in_place
+
+    gm = traced.graph
+    net = fx.GraphModule(copy.deepcopy(gm), copy.deepcopy(gm.graph))
+    relus = {s.name for s in traced.site_list("relu")}
+    for node in list(net.graph.nodes):
+        if node.name in relus and relu_in_place(net, node, traced.batched):
+            node.op, node.target, node.args, node.kwargs = "call_function", torch.relu_, (node.args[0],), {}
+    net.graph.lint()
+    net.delete_all_unused_submodules()
+    net.recompile()
+    return net
 
 
 def masked_network(traced: TracedModel, sites: Sequence[Site], masks: dict[str, torch.Tensor],
