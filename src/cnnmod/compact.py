@@ -89,7 +89,7 @@ class CompactConfig:
             raise CnnmodError("importance images must be >= 1, batch size >= 2 and training images >= 0")
         if not (self.lr >= 0 and self.temperature > 0 and 0 <= self.label_weight <= 1 and self.binary_weight >= 0
                 and self.weight_decay >= 0 and self.hint_weight >= 0):
-            raise CnnmodError("lr, weight decay and binary weight must be >= 0, temperature > 0, "
+            raise CnnmodError("lr, weight decay, binary weight and hint weight must be >= 0, temperature > 0, "
                               "label weight in [0, 1]")
 
     def with_prefix_keep(self, keep: float) -> CompactConfig:
