@@ -145,3 +145,27 @@ def test_the_parents_inference_network_runs_relus_in_place_with_the_same_outputs
     with torch.inference_mode():
         plain = parent.model.graph.eval()(parent.input_spec.prepare(images))
     assert torch.equal(parent.logits(images, batch_size=4), plain)
+
+
+def test_relus_run_in_place_only_on_fresh_values_nothing_else_reads() -> None:
+    from cnnmod.modules import relus_in_place
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3, padding=1)
+            self.other = nn.Conv2d(2, 2, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            kept = F.relu(y) + y  # y is read twice: its ReLU must not overwrite it
+            return F.relu(self.other(kept) + kept) + F.relu(x)  # a fresh sum: in place; the input: not
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    x = torch.randn(3, 1, 5, 5)
+    expected = net(x)
+    traced = relus_in_place(fx.symbolic_trace(net))
+    assert traced.code.count("relu_(") == 1
+    with torch.inference_mode():
+        assert torch.equal(traced(x.clone()), expected.detach())

@@ -33,6 +33,7 @@ from .channels import (
 )
 from .errors import CnnmodError
 from .inputs import InputSpec
+from .modules import relus_in_place
 
 ENGINES = ("exact", "shared")
 
@@ -127,7 +128,8 @@ class CompactNets:
         if batching == "auto":
             batching = "grouped" if (cut is not None or device.type != "cpu") else "each"
         if batching == "grouped" and self.base is not None and len(nets) > 1:
-            stacked = stack(self.base, self.plan, self.keeps, nets, cut=cut, input_shape=self.input_shape or None)
+            stacked = relus_in_place(stack(self.base, self.plan, self.keeps, nets, cut=cut,
+                                           input_shape=self.input_shape or None))
             if device.type == "cpu":  # oneDNN's grouped convolutions are 1.5-2x faster channels-last (RESULTS.md)
                 stacked = stacked.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
             return stacked.to(device).eval()

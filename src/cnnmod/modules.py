@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -137,6 +138,36 @@ def inference_network(traced: TracedModel) -> fx.GraphModule:
     net.graph.lint()
     net.delete_all_unused_submodules()
     net.recompile()
+    return net
+
+
+_FRESH_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
+_RELUS = (torch.relu, torch.nn.functional.relu)
+
+
+def relus_in_place(net: fx.GraphModule) -> fx.GraphModule:
+    """`net` (changed in place and returned) with each ReLU whose input is a fresh tensor read by nothing else (the
+    output of a convolution, linear layer or BatchNorm, or a sum of two tensors) run in place: the same values,
+    for inference."""
+    changed = False
+    for node in list(net.graph.nodes):
+        is_relu = (node.op == "call_function" and node.target in _RELUS) or \
+            (node.op == "call_module" and isinstance(net.get_submodule(str(node.target)), nn.ReLU))
+        source = node.args[0] if node.args else None
+        if not is_relu or len(node.args) != 1 or any(k != "inplace" for k in node.kwargs) \
+                or not isinstance(source, fx.Node) or len(source.users) != 1:
+            continue
+        fresh = (source.op == "call_module" and isinstance(net.get_submodule(str(source.target)), _FRESH_LAYERS)) \
+            or (source.op == "call_function" and source.target in (operator.add, torch.add)
+                and len(source.args) == 2 and not source.kwargs
+                and all(isinstance(a, fx.Node) for a in source.args))
+        if not fresh:
+            continue
+        node.op, node.target, node.args, node.kwargs = "call_function", torch.relu_, (source,), {}
+        changed = True
+    if changed:
+        net.graph.lint()
+        net.recompile()
     return net
 
 
