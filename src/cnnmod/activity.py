@@ -15,7 +15,6 @@ so the result is the same for any number of processes.
 from __future__ import annotations
 
 import copy
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -236,9 +235,6 @@ class _CountingReLU(_CountTap):
         return y
 
 
-_FRESH_FUNCTIONS = (operator.add, torch.add, operator.sub, torch.sub, operator.mul, torch.mul)
-
-
 def relu_in_place(gm: fx.GraphModule, node: fx.Node, batched: frozenset[str]) -> bool:
     """Whether ReLU site `node` may run in place: its input is a new tensor (a conv/linear layer's output or an
     arithmetic result, never a view or a value passed through) that carries the batch and is read by it alone."""
@@ -247,7 +243,7 @@ def relu_in_place(gm: fx.GraphModule, node: fx.Node, batched: frozenset[str]) ->
         return False
     if len(node.args) > 1 or any(k != "inplace" for k in node.kwargs):
         return False
-    if source.op == "call_function" and source.target in _FRESH_FUNCTIONS:
+    if source.op == "call_function" and source.target in ops.FRESH_FUNCTIONS:
         return all(not isinstance(a, fx.Node) or a.name in batched for a in source.args)
     op = ops.lookup(gm, source)
     return source.op == "call_module" and op is not None and op.site == "conv"

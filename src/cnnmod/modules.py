@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -15,6 +14,7 @@ import torch.fx as fx
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from . import ops
 from .errors import CnnmodError
 from .inputs import InputSpec, batch_slices
 from .progress import show_progress
@@ -132,7 +132,6 @@ def inference_network(traced: TracedModel) -> fx.GraphModule:
 
 
 _FRESH_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
-_FRESH_FUNCTIONS = (operator.add, torch.add, operator.sub, torch.sub, operator.mul, torch.mul)
 _RELUS = (torch.relu, torch.nn.functional.relu)
 
 
@@ -149,7 +148,7 @@ def relus_in_place(net: fx.GraphModule) -> fx.GraphModule:
                 or not isinstance(source, fx.Node) or len(source.users) != 1:
             continue
         fresh = (source.op == "call_module" and isinstance(net.get_submodule(str(source.target)), _FRESH_LAYERS)) \
-            or (source.op == "call_function" and source.target in _FRESH_FUNCTIONS
+            or (source.op == "call_function" and source.target in ops.FRESH_FUNCTIONS
                 and len(source.args) == 2 and not source.kwargs
                 and all(isinstance(a, fx.Node) for a in source.args))
         if not fresh:

@@ -33,10 +33,14 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TABLE", "InPlace", "Op", "OpTable", "Pass", "lookup", "refusal", "NOT_RELU"]
+__all__ = ["FRESH_FUNCTIONS", "TABLE", "InPlace", "Op", "OpTable", "Pass", "lookup", "refusal", "NOT_RELU"]
 
 Kind = Literal["module", "function", "method"]
 StandIn = Callable[[fx.Node, "nn.Module | None"], "Callable[..., Any] | None"]
+
+FRESH_FUNCTIONS = (operator.add, torch.add, operator.sub, torch.sub, operator.mul, torch.mul)
+"""Functions whose result is a new tensor (never a view of an argument): a ReLU that alone reads it may run in
+place."""
 
 
 class Pass(Enum):
