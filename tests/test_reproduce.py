@@ -126,6 +126,21 @@ def test_every_table_and_figure_is_written_with_the_papers_figures(runs: dict) -
     assert "<img" in html and 'src="http' not in html and "<link" not in html  # self-contained
 
 
+def test_report_md_holds_every_table_of_the_html_report_row_for_row(runs: dict) -> None:
+    out = runs["out"]
+    html = (out / "report.html").read_text()
+    markdown = (out / "report.md").read_text()
+    assert html.count("<h2") == markdown.count("\n## ") and markdown.startswith("# Pan & Rajan")
+    tables = [block for block in markdown.split("\n\n") if block.startswith("| ")]
+    assert len(tables) == html.count("<table")
+    assert sum(len(t.splitlines()) - 1 for t in tables) == html.count("<tr")  # every row, less the --- lines
+    for table in tables:
+        widths = {line.count(" | ") for line in table.splitlines() if not line.startswith("|---")}
+        assert len(widths) == 1, table  # colspans padded: a valid pipe table
+    assert "87.1" in markdown and "data not here" in markdown and "base64" not in markdown
+    assert markdown.count("*Plot in report.html: ") == html.count("<figcaption")
+
+
 def test_a_second_run_loads_every_part_from_the_cache(runs: dict) -> None:
     status = _status(runs["third"])
     assert set(status.values()) == {"cached", "data not here"}

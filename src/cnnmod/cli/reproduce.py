@@ -25,7 +25,7 @@ def _only(ctx: click.Context, param: click.Parameter, value: str | None) -> list
 
 @cli.command()
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Reproduction folder: report.html, results.json, and the cache of finished parts.")
+              help="Reproduction folder: report.html, report.md, results.json, and the cache of finished parts.")
 @click.option("--profile", "profile_name", type=click.Choice(list(PROFILES)), default="quick", show_default=True,
               help="quick: every table in minutes on a 2-core CPU (small subsets, 1 epoch); cpu: about 3 hours "
                    "there; full: the paper's sizes (200 epochs, all classes), for a GPU.")
@@ -50,8 +50,8 @@ def reproduce(out: Path, profile_name: str, only: list[str] | None, cifar100: Pa
               fashion_mnist: Path | None, seed: int, overwrite: bool, device: str | None, as_json: bool) -> None:
     """Regenerate the paper's evaluation (Tables 1-6, Figure 6) with its figures beside ours.
 
-    Writes OUT/report.html (one self-contained file) and OUT/results.json (every number, keyed table1 ...
-    table6, figure6). Finished parts are cached in OUT by a hash of their inputs, so running the same command
+    Writes OUT/report.html (one self-contained file), OUT/report.md (its tables in Markdown) and OUT/results.json
+    (every number, keyed table1 ... table6, figure6). Finished parts are cached in OUT by a hash of their inputs, so running the same command
     again resumes an interrupted run and redoes only what changed. Needs matplotlib for the plots
     (pip install 'cnnmod[report]')."""
     from ..energy import EnergyMeter
@@ -68,7 +68,8 @@ def reproduce(out: Path, profile_name: str, only: list[str] | None, cifar100: Pa
         results = run(out, PROFILES[profile_name], sources, only, device, seed, progress=not as_json)
     statuses = [p["status"] for p in results["parts"]]
     failed = [p for p in results["parts"] if p["status"] == "failed"]
-    payload = {"out": str(out), "report": str(out / "report.html"), "results": str(out / "results.json"),
+    payload = {"out": str(out), "report": str(out / "report.html"), "markdown": str(out / "report.md"),
+               "results": str(out / "results.json"),
                "profile": profile_name, "resumed": resumed, "run_seconds": results["run_seconds"],
                "parts": {s: statuses.count(s) for s in sorted(set(statuses))}}
     counts = ", ".join(f"{n} {s}" for s, n in payload["parts"].items())

@@ -5,7 +5,8 @@ The work is split into parts (a Table 1 row, a dataset's reuse table, ...). Each
 fingerprints (path, size, modification time) of its datasets and weight files, the cnnmod version and the
 device kind. A later run into the same folder loads every part whose key still matches and runs the rest, so an
 interrupted run resumes where it stopped. Models trained here are cached the same way under `OUT/models/`.
-`OUT/results.json` and `OUT/report.html` are rebuilt from the parts at the end of every run.
+`OUT/results.json`, `OUT/report.html` and `OUT/report.md` (its tables in Markdown) are rebuilt from the parts at
+the end of every run.
 
 Folder policy (outputs.py): OUT must not exist, or be a reproduction folder (recognised by its manifest), which
 is resumed. `--overwrite` starts a reproduction folder afresh (its cached parts and models are discarded); it
@@ -405,6 +406,7 @@ class Outcome:
 
 _ARCH_COST = {"resnet20": 1.0, "resnet32": 1.65, "resnet56": 2.9, "smallcnn": 0.05}
 _BUILD = 500.0  # tracing, checking and setting up one model: as much as about 500 images through a ResNet-20
+_COMPACT_IMAGE = 2.2  # one fine-tune image of compact modules (teacher pass, modules forward and backward)
 
 
 def _classes(profile: Profile, dataset: str) -> int:
@@ -450,7 +452,8 @@ def plan(profile: Profile, ws: Workspace) -> list[Part]:
         if spec.paper_row is None or spec.key not in p.table1:
             continue
         test = _classes(p, spec.dataset) * (p.table1_test_per_class or 100)
-        cost = train_cost([spec.key]) + len(p.sites) * (observe(spec.key) + composed(spec.key, test))
+        compact = _COMPACT_IMAGE * p.compact_train_images * _factor(p, spec)
+        cost = train_cost([spec.key]) + len(p.sites) * (observe(spec.key) + composed(spec.key, test)) + compact
         parts.append(Part(f"table1/{spec.key}", "table1", (spec.dataset,), (spec.key,),
                           _bind(table1_row, spec.key), cost))
     detail = p.model(p.detail)
@@ -906,10 +909,13 @@ def figure6(results: dict[str, Any], paper: dict[str, Any], compact: dict[str, s
 
 
 def write_outputs(folder: Path, results: dict[str, Any]) -> None:
-    """results.json and the self-contained report.html, each written atomically into the reproduction folder."""
+    """results.json, the self-contained report.html and its tables as report.md, each written atomically into the
+    reproduction folder."""
+    from ..fileio import atomic_write_text
     from .html import render_report
+    from .markdown import report_markdown
 
     _write_json(folder / "results.json", _finite(results))
-    from ..fileio import atomic_write_text
-
-    atomic_write_text(folder / "report.html", render_report(results))
+    html = render_report(results)
+    atomic_write_text(folder / "report.html", html)
+    atomic_write_text(folder / "report.md", report_markdown(html))
