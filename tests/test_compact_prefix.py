@@ -98,3 +98,52 @@ def _hint_distance(parent, data, hint_weight: float) -> float:  # type: ignore[n
 def test_the_feature_hint_pulls_the_narrowed_prefix_towards_the_parents_channels(parent_and_data) -> None:  # type: ignore[no-untyped-def]
     parent, data = parent_and_data
     assert _hint_distance(parent, data, 10.0) < 0.5 * _hint_distance(parent, data, 0.0)
+
+
+def test_the_prefix_all_modules_share_is_stored_once_and_each_module_file_names_it(cnnmod_cli, tiny_model: Path,  # type: ignore[no-untyped-def]
+                                                                               tiny_data: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from safetensors import safe_open
+
+    from cnnmod.compactstore import load_module_network, save_network
+    from cnnmod.errors import StoreError
+
+    store = tmp_path / "s"
+    ok_json(cnnmod_cli("decompose", tiny_model, "--data", tiny_data, "--out", store, "--method", "compact",
+                       "--train-images", 60, "--json"))
+    manifest = json.loads((store / "manifest.json").read_text())
+    prefix = manifest["compact"]["prefix"]
+    assert prefix is not None and (store / prefix["file"]).stat().st_size == prefix["bytes"]
+    with safe_open(str(store / prefix["file"]), "pt") as f:
+        prefix_keys = set(f.keys())
+    modules = load_store(store).modules
+    x = modules.parent.input_spec.prepare(load_dataset(tiny_data, progress=False).test.images[:8])
+    for i, entry in enumerate(manifest["modules"]):
+        module_file = store / entry["network"]["file"]
+        with safe_open(str(module_file), "pt") as f:
+            assert prefix_keys.isdisjoint(f.keys()) and f.keys()  # the module's own layers only
+        net, _, _ = load_module_network(module_file)  # its file and the prefix file: no parent
+        with torch.no_grad():
+            assert torch.equal(net(x), modules.compact.nets[i](x))
+    # the prefix once: every module file is smaller than the same network written whole
+    whole = tmp_path / "whole.safetensors"
+    save_network(whole, modules.compact.nets[0], modules.compact.keeps[0], "f", tuple(x.shape[1:]))
+    assert (store / manifest["modules"][0]["network"]["file"]).stat().st_size < whole.stat().st_size
+    shown = ok_json(cnnmod_cli("inspect", store, "--json"))["modules"][0]
+    assert shown["file_bytes_with_prefix"] == shown["file_bytes"] + prefix["bytes"]
+    assert shown["file_bytes_fraction"] < shown["file_bytes_with_prefix_fraction"] < 1
+
+    # a module file copied without its prefix file, or a prefix file that changed: one line naming the file
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(store / manifest["modules"][0]["network"]["file"], alone / "m.safetensors")
+    with pytest.raises(StoreError, match="prefix.net.safetensors, which is missing"):
+        load_module_network(alone / "m.safetensors")
+    data = bytearray((store / prefix["file"]).read_bytes())
+    data[-1] ^= 1
+    (store / prefix["file"]).write_bytes(bytes(data))
+    result = cnnmod_cli("evaluate", store, "--data", tiny_data)
+    assert result.exit_code != 0 and "prefix.net.safetensors" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr

@@ -61,9 +61,17 @@ def _inspect_store(path: Path, as_json: bool) -> None:
     lines.append(f"parent: {parent_size['parameters']} parameters, {parent_size['macs']} MACs per image, "
                  f"{parent_size['file_bytes']} bytes")
     lines += [f"  {c:20s} Jaccard {j:.4f}  parameters {s['parameters_fraction']:.1%}  MACs {s['macs_fraction']:.1%}  "
-              f"file {s['file_bytes_fraction']:.1%}{'' if s['standalone'] else ' (masks: runs with the parent)'}"
+              f"file {s['file_bytes_fraction']:.1%}{_file_note(s)}"
               for c, j, s in zip(m.class_names, jaccard, sizes, strict=True)]
     emit(as_json, payload, "\n".join(lines))
+
+
+def _file_note(size: dict) -> str:
+    if not size["standalone"]:
+        return " (masks: runs with the parent)"
+    if size.get("prefix_file_bytes"):
+        return f" ({size['file_bytes_with_prefix_fraction']:.1%} with the prefix file all modules share)"
+    return ""
 
 
 def _inspect_model(source: ModelSource, as_json: bool) -> None:
