@@ -40,7 +40,6 @@ class _Converter(HTMLParser):
         self.cell: list[str] | None = None
         self.cell_span = 1
         self.list_depth = 0
-        self.in_figure = False
 
     # text gathered for the block or cell being read
     def _sink(self) -> list[str]:
@@ -60,7 +59,6 @@ class _Converter(HTMLParser):
             return
         if tag in _HEADINGS or tag in ("p", "figure"):
             self._flush()
-            self.in_figure = self.in_figure or tag == "figure"
         elif tag == "li":
             self._flush()
         elif tag in ("ul", "ol"):
@@ -100,7 +98,6 @@ class _Converter(HTMLParser):
             if text:
                 self.blocks.append(f"*Plot in report.html: {text}*")
         elif tag == "figure":
-            self.in_figure = False
             self.text = []
         elif tag == "li":
             self._flush("  " * (self.list_depth - 1) + "- ")
