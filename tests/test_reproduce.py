@@ -63,7 +63,8 @@ def tiny_profile() -> Profile:
         detail="cifar10-resnet20", table1_test_per_class=2, rhos=(0.0, 0.5),
         intra_datasets=("cifar10", "imagenet200"), intra_pairs=1, inter_pairs=1, replacements=1,
         replace=(("cifar10", "cifar10-resnet32", "cifar10-resnet20"),), replaced_classes=2,
-        calibration_samples=2, repair_classes=4, repair_arch=tiny, scratch_arch=tiny, compact_train_images=64)
+        calibration_samples=2, repair_classes=4, repair_arch=tiny, scratch_arch=tiny, compact_train_images=64,
+        compact_pair_images=32)
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +115,15 @@ def test_every_table_and_figure_is_written_with_the_papers_figures(runs: dict) -
     assert [r["option"][:2] for r in repair] == ["fa", "fa", "1 ", "2 ", "3 ", "4 "]
     figure6 = results["figure6"]
     assert {s["scenario"].split(" (")[0] for s in figure6["scenarios"]} == {
-        "intra-dataset reuse", "inter-dataset reuse", "inter-dataset replacement"}
-    assert figure6["ratios"]["reuse, fixed epochs"] > 0
+        "intra-dataset reuse", "intra-dataset reuse, compact pairs", "inter-dataset reuse",
+        "inter-dataset replacement"}
+    assert figure6["ratios"]["reuse, fixed epochs"] > 0 and figure6["compact_ratios"]["reuse, fixed epochs"] > 0
+    pair = results["table2"]["parts"]["cifar10"]["result"]["experiment"]["rows"][0]  # also as compact modules
+    assert 0 <= pair["compact_composed"] <= 1 and 0 < pair["compact_params_vs_parent"] < 1
+    assert pair["compact_time_vs_parent"] > 0 and pair["compact_kwh"] > 0
     html = (out / "report.html").read_text()
-    for figure in ("87.1", "26.6", "data not here", "not run here"):  # paper's Table 1 and 6; CIFAR-100; compact
+    for figure in ("87.1", "26.6", "data not here", "not run here", "% of the parent"):  # paper's Table 1 and 6;
+        # CIFAR-100; compact modules of two parents (not run); Table 2's compact pairs
         assert figure in html
     compact = results["table1"]["parts"]["cifar10-resnet20"]["result"]["compact"]
     assert compact["status"] == "done", compact

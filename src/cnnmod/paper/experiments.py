@@ -109,7 +109,8 @@ def _energy_columns(row: dict[str, Any], name: str, report: EnergyReport) -> Non
 def intra_reuse(parent: Parent, data: Dataset, pairs: Sequence[tuple[str, str]], arch: str, epochs: int,
                 config: DecomposeConfig, seed: int = 0, device: torch.device | str | None = None,
                 progress: bool = True, compact: CompactConfig | None = None, batch_size: int = 256,
-                repeats: int = 3, pair_compact: CompactConfig | None = None) -> Experiment:
+                repeats: int = 3, pair_compact: CompactConfig | None = None,
+                compact_pairs: CompactConfig | None = None) -> Experiment:
     """For each class pair: modules of `parent` composed vs `arch` trained from scratch on the pair.
 
     Reuse is measured two ways: decomposing the pair's classes fresh and composing them, and composing them
@@ -118,7 +119,8 @@ def intra_reuse(parent: Parent, data: Dataset, pairs: Sequence[tuple[str, str]],
     is also set against the parent and the scratch model in parameters and in inference time (the fastest of
     `repeats` runs over the pair's test images, `batch_size` images a batch). `pair_compact` configures the
     pairs' own compact decompositions (for example a prefix narrowed to the pair) where it differs from the
-    store's."""
+    store's. `compact_pairs` adds, beside masked modules, each pair decomposed as compact modules with that
+    configuration: its accuracy, size, inference time and energy in the `compact_*` columns."""
     train_images, train_labels = parent_labels(parent, data.train)
     parent.logits(train_images[:256], device=device)  # warm-up, so the first pair is not charged for it
     with tempfile.TemporaryDirectory() as folder:
@@ -127,7 +129,8 @@ def intra_reuse(parent: Parent, data: Dataset, pairs: Sequence[tuple[str, str]],
                                                           device, progress))
         store_energy = meter.report
         rows = [_intra_pair(parent, data, train_images, train_labels, Path(folder) / "store", a, b, arch, epochs,
-                            config, pair_compact or compact, seed, device, progress, batch_size, repeats)
+                            config, pair_compact or compact, seed, device, progress, batch_size, repeats,
+                            compact_pairs)
                 for a, b in pairs]
     _mean_row(rows, "pair")
     method = "compact modules" if compact is not None else "masked modules"
@@ -145,11 +148,16 @@ def intra_reuse(parent: Parent, data: Dataset, pairs: Sequence[tuple[str, str]],
          "params: the pair classifier's parameters (the two modules' " +
          ("networks" if compact is not None else "kept conv and linear parameters") +
          ", added) over the parent's and over the scratch model's; time: its inference time over theirs, the "
-         f"fastest of {repeats} runs over the pair's test images, {batch_size} images a batch"],
+         f"fastest of {repeats} runs over the pair's test images, {batch_size} images a batch",
+         *([f"compact: the pair decomposed as compact modules ({compact_pairs.train_images} fine-tune images, "
+            f"the shared prefix narrowed to {compact_pairs.prefix_keep:g} of its channels) and composed; its "
+            "accuracy, parameters and inference time against the parent's, and the energy of making it"]
+           if compact_pairs is not None else [])],
         {"store_decompose": store_energy.to_json(), "parent_classes": len(parent.classes),
          "method": "compact" if compact is not None else "paper",
          **({"compact_config": compact.to_json()} if compact is not None else {}),
-         **({"pair_compact_config": pair_compact.to_json()} if pair_compact is not None else {})})
+         **({"pair_compact_config": pair_compact.to_json()} if pair_compact is not None else {}),
+         **({"compact_pairs_config": compact_pairs.to_json()} if compact_pairs is not None else {})})
 
 
 def _decompose(parent: Parent, images: np.ndarray, labels: np.ndarray, config: DecomposeConfig,
@@ -165,7 +173,7 @@ def _decompose(parent: Parent, images: np.ndarray, labels: np.ndarray, config: D
 def _intra_pair(parent: Parent, data: Dataset, train_images: np.ndarray, train_labels: np.ndarray, store: Path,
                 a: str, b: str, arch: str, epochs: int, config: DecomposeConfig, compact: CompactConfig | None,
                 seed: int, device: torch.device | str | None, progress: bool, batch_size: int = 256,
-                repeats: int = 3) -> dict[str, Any]:
+                repeats: int = 3, compact_pairs: CompactConfig | None = None) -> dict[str, Any]:
     test = data.test.subset([a, b])
     with EnergyMeter() as meter:
         modules = _decompose(parent, train_images, train_labels, config, compact, [a, b], device, progress)
@@ -185,6 +193,15 @@ def _intra_pair(parent: Parent, data: Dataset, train_images: np.ndarray, train_l
     _energy_columns(row, "train", train_energy)
     _energy_ratios(row)
     row.update(_size_and_speed(modules, composed, parent, scratch, test.images, batch_size, device, repeats))
+    if compact_pairs is not None:
+        with EnergyMeter() as meter:
+            small = _decompose(parent, train_images, train_labels, config, compact_pairs, [a, b], device, progress)
+            small_composed = compose([small])
+        _energy_columns(row, "compact", meter.report)
+        size = _size_and_speed(small, small_composed, parent, scratch, test.images, batch_size, device, repeats)
+        row.update({"compact_composed": accuracy(small_composed, test.images, test.labels, device),
+                    **{f"compact_{k}": size[k] for k in ("params_vs_parent", "params_vs_scratch", "time_vs_parent",
+                                                         "time_vs_scratch")}})
     return row
 
 

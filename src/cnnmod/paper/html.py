@@ -254,8 +254,8 @@ def _detail(results: dict[str, Any], plots: _Plots) -> str:
                      "Module sizes: kept nodes (Jaccard index) and kept parameters, as shares of the parent"),
         plots.figure(lambda p: plot_tradeoff(p, result["tradeoff"], f"{model}: size vs accuracy"),
                      "Size/accuracy frontier: mean module size against composed top-1 as the activity threshold "
-                     "rho rises, node and channel granularity (compact modules: "
-                     f"{results.get('table1', {}).get('compact', {}).get('status', 'not available')})"),
+                     "rho rises, node and channel granularity (compact modules: their own sweep, "
+                     "cnnmod tradeoff --method compact)"),
     ]
     return f"<h3>{_e(model)}: its modules</h3>" + "".join(figures)
 
@@ -292,7 +292,8 @@ def _table2(results: dict[str, Any], plots: _Plots) -> str:
     compact = _compact_cell(results, "table2")
     out = []
     headers = ["paper pair", "paper TMA", "paper MA", "paper Δ", "our pair", "our TMA", "our MA", "our Δ",
-               "our MA from a store", "energy: train / reuse", "compact pair size", "compact inference time"]
+               "our MA from a store", "energy: train / reuse", "compact MA", "compact pair size",
+               "compact inference time", "energy: train / compact"]
     for dataset in ("cifar10", "cifar100", "imagenet200"):
         prows = [r for r in paper.get("rows", []) if r["dataset"] == dataset]
         part, result = _result(results, "table2", dataset)
@@ -305,13 +306,13 @@ def _table2(results: dict[str, Any], plots: _Plots) -> str:
                      if p else ["", "", "", ""])
             if o:
                 cells += [_e(o["pair"]), pct(o["scratch"]), pct(o["composed"]), pct(o["delta"]),
-                          pct(o.get("store_composed")), sci(o.get("energy_ratio")), compact, compact]
+                          pct(o.get("store_composed")), sci(o.get("energy_ratio")), *_compact_pair_cells(o, compact)]
             else:
-                cells += ["", "", "", "", "", "", "", ""]
+                cells += [""] * 10
             body.append(_row(cells, "ours" if o else "paper", 1, 4))
         text = paper.get("text", {}).get(f"{dataset}_mean_gain")
         mean_ours = _mean([o["delta"] for o in ours])
-        body.append(_row(["mean Δ", "", "", paper_pct(text), "", "", "", pct(mean_ours), "", "", "", ""], "ours"))
+        body.append(_row(["mean Δ", "", "", paper_pct(text), "", "", "", pct(mean_ours), *[""] * 6], "ours"))
         if not result:
             body.append(_status_row("ours", _why(part), len(headers) - 1))
         out.append(f"<h3>{_DATASET_NAMES[dataset]}</h3>")
@@ -327,6 +328,16 @@ def _table2(results: dict[str, Any], plots: _Plots) -> str:
                        "modules composed; Δ = MA − TMA, in points; the paper's classes are unnamed, so rows pair up "
                        "by position only"]))
     return "".join(out)
+
+
+def _compact_pair_cells(row: dict[str, Any], missing: str) -> list[str]:
+    """Table 2's compact columns of one pair: accuracy, parameters and inference time against the parent, and
+    the energy of training the pair model over that of making the compact pair."""
+    if not _num(row.get("compact_composed")):
+        return [missing] * 4
+    energy = row["train_kwh"] / max(row["compact_kwh"], 1e-30) if _num(row.get("compact_kwh")) else None
+    return [pct(row["compact_composed"]), f"{pct(row.get('compact_params_vs_parent'))}% of the parent",
+            f"{num(row.get('compact_time_vs_parent'))}x the parent", sci(energy)]
 
 
 def _table3(results: dict[str, Any], plots: _Plots) -> str:
@@ -526,9 +537,10 @@ def _figure6(results: dict[str, Any], plots: _Plots) -> str:
     ratios = section.get("ratios", {})
     body = []
     for prow in paper.get("rows", []):
+        compact_ratio = section.get("compact_ratios", {}).get(prow["row"])
         body.append(_row([_e(prow["row"]), f"{prow['ratio']:g}x",
                           f"{sci(ratios.get(prow['row']))}x" if _num(ratios.get(prow["row"])) else "not measured",
-                          _compact_cell(results, "figure6")]))
+                          f"{sci(compact_ratio)}x" if _num(compact_ratio) else _compact_cell(results, "figure6")]))
     out.append("<h3>Training over decomposition: the paper's ratios and ours</h3>")
     out.append(_table(["ratio", "paper", "ours", "compact modules"], body))
     one_time = section.get("one_time_decomposition_co2e_lbs", {})

@@ -66,6 +66,8 @@ class Profile:
     repair_arch: str
     scratch_arch: str | None = None  # the model trained to compare with in Tables 3 and 5 (None: parent A's)
     compact_train_images: int = 250_000  # Table 1's compact modules: fine-tune images (cnnmod's default)
+    compact_pair_images: int = 50_000  # Table 2's compact pairs: fine-tune images (the narrowed prefix's default)
+    compact_prefix_keep: float = 0.3  # Table 2's compact pairs: the share of the prefix's channels they keep
 
     def model(self, key: str) -> ModelSpec:
         for spec in self.models:
@@ -123,19 +125,19 @@ QUICK = Profile(
     intra_datasets=("cifar10", "cifar100"), intra_pairs=2, inter_pairs=2, replacements=1,
     replace=(("cifar10", "cifar10-resnet32", "cifar10-resnet20"),), replaced_classes=3,
     calibration_samples=5, repair_classes=4, repair_arch="resnet20", scratch_arch="resnet20",
-    compact_train_images=1_000,
+    compact_train_images=1_000, compact_pair_images=200,
 )
 
 CPU = Profile(
     name="cpu",
-    summary="every table at sizes a 2-core CPU finishes in about 3 hours: 200 training and 25 test images per "
-            "class, 10-epoch parents and 5-epoch models to compare with, a 20-class ImageNet subset at 32x32, "
-            "all pairs of the paper's four classes",
-    train_per_class=200, test_per_class=25, samples_per_class=100, epochs=5,
+    summary="every table at sizes a 2-core CPU finishes in about 1.5 hours: 200 training and 50 test images per "
+            "class, 10-epoch parents and 10-epoch models to compare with, a 20-class ImageNet subset at 32x32, "
+            "all pairs of the paper's four classes, compact modules on 100,000 fine-tune images (pairs: 20,000)",
+    train_per_class=200, test_per_class=50, samples_per_class=100, epochs=10,
     imagenet_classes=20, imagenet_size=32,
     models=_models(10, 5),
     table1=tuple(k for k in ALL_TABLE1 if k != "imagenet200-resnet56"), sites=("relu", "conv"),
-    detail="cifar10-resnet20", table1_test_per_class=25,
+    detail="cifar10-resnet20", table1_test_per_class=50,
     rhos=(0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5),
     reuse_parents=(("cifar10", "cifar10-resnet20"), ("cifar100", "cifar100-resnet20"),
                    ("imagenet200", "imagenet200-resnet20"), ("fashion-mnist", "fashion-mnist-smallcnn")),
@@ -144,7 +146,7 @@ CPU = Profile(
              ("cifar100", "cifar100-resnet32", "cifar100-resnet20"),
              ("imagenet200", "imagenet200-resnet32", "imagenet200-resnet20")), replaced_classes=10,
     calibration_samples=10, repair_classes=10, repair_arch="resnet20", scratch_arch="resnet20",
-    compact_train_images=40_000,
+    compact_train_images=100_000, compact_pair_images=20_000,
 )
 
 FULL = Profile(

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -114,10 +114,15 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def compact_status() -> dict[str, str]:
-    """What the reuse tables say in their compact columns: reproduce runs compact modules for Table 1 only."""
+def compact_status(table: str = "table3") -> dict[str, str]:
+    """What a table says in its compact columns: reproduce runs compact modules for Table 1, Table 2's pairs and
+    Figure 6's ratio of those pairs; inter-dataset pairs and replacements of compact modules are not run."""
+    if table in ("table1", "table2", "figure6"):
+        return {"status": "–", "note": "compact modules (--method compact); Table 2: each pair decomposed with "
+                                         "the shared prefix narrowed to it (--prefix-keep)"}
     return {"status": "not run here",
-            "note": "compact pairs: cnnmod experiment intra-reuse --method compact (parameters and inference time)"}
+            "note": "compact modules of two parents (inter-dataset pairs, replacements) are not part of the "
+                    "reproduction; compact pairs of one parent are Table 2's"}
 
 
 # ---------------------------------------------------------------------------------------------- folder
@@ -407,6 +412,7 @@ class Outcome:
 _ARCH_COST = {"resnet20": 1.0, "resnet32": 1.65, "resnet56": 2.9, "smallcnn": 0.05}
 _BUILD = 500.0  # tracing, checking and setting up one model: as much as about 500 images through a ResNet-20
 _COMPACT_IMAGE = 2.2  # one fine-tune image of compact modules (teacher pass, modules forward and backward)
+_COMPACT_PAIR_IMAGE = 1.8  # one fine-tune image of a compact pair with a narrowed prefix
 
 
 def _classes(profile: Profile, dataset: str) -> int:
@@ -465,7 +471,8 @@ def plan(profile: Profile, ws: Workspace) -> list[Part]:
         key = p.reuse_parent(dataset)
         spec = p.model(key)
         pair_train = 3 * p.epochs * 2 * (p.train_per_class or 5000) * _factor(p, spec) + 2 * _BUILD
-        cost = train_cost([key]) + observe(key) + p.intra_pairs * (observe(key, 2) + pair_train)
+        compact_pair = _COMPACT_PAIR_IMAGE * p.compact_pair_images * _factor(p, spec) + _BUILD
+        cost = train_cost([key]) + observe(key) + p.intra_pairs * (observe(key, 2) + pair_train + compact_pair)
         parts.append(Part(f"table2/{dataset}", "table2", (dataset,), (key,), _bind(table2, dataset), cost))
     for other in ("fashion-mnist", "cifar100"):
         keys = (p.reuse_parent("cifar10"), p.reuse_parent(other))
@@ -570,15 +577,20 @@ def table1_detail(ws: Workspace, key: str) -> dict[str, Any]:
 
 
 def table2(ws: Workspace, dataset: str) -> dict[str, Any]:
-    """Intra-dataset reuse: all pairs of four random classes, modules composed vs a model trained on the pair."""
+    """Intra-dataset reuse: all pairs of four random classes, modules composed vs a model trained on the pair;
+    each pair also as compact modules."""
+    from ..compact import CompactConfig
     from .experiments import intra_reuse
 
     key = ws.profile.reuse_parent(dataset)
     parent, data = ws.parent(key), ws.dataset(dataset)
     classes = four_classes(parent.classes, ws.seed)
     pairs = list(itertools.combinations(classes, 2))[: ws.profile.intra_pairs]
-    result = intra_reuse(parent, data, pairs, ws.profile.model(key).arch, ws.profile.epochs, ws.config(), ws.seed,
-                         ws.device, progress=ws.bars)
+    p = ws.profile
+    compact_pairs = replace(CompactConfig(seed=ws.config().seed).with_prefix_keep(p.compact_prefix_keep),
+                            train_images=p.compact_pair_images)
+    result = intra_reuse(parent, data, pairs, p.model(key).arch, p.epochs, ws.config(), ws.seed, ws.device,
+                         progress=ws.bars, compact_pairs=compact_pairs)
     return {"parent": ws.record(key), "classes": classes, "experiment": result.to_json()}
 
 
@@ -818,7 +830,6 @@ def assemble(profile: Profile, sources: Sources, outcomes: list[Outcome], run_se
     by_table: dict[str, list[Outcome]] = {t: [] for t in TABLES}
     for outcome in outcomes:
         by_table[outcome.part.table].append(outcome)
-    compact = compact_status()
     results: dict[str, Any] = {
         "format": RESULTS_FORMAT, "version": 1, "cnnmod": _version(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -829,9 +840,9 @@ def assemble(profile: Profile, sources: Sources, outcomes: list[Outcome], run_se
         "parts": [o.to_json() for o in outcomes],
     }
     for table in TABLES[:-1]:
-        results[table] = {"title": paper[table]["title"], "paper": paper[table], "compact": compact,
+        results[table] = {"title": paper[table]["title"], "paper": paper[table], "compact": compact_status(table),
                           "parts": {o.part.name.split("/", 1)[1]: _part_json(o) for o in by_table[table]}}
-    results["figure6"] = figure6(results, paper, compact)
+    results["figure6"] = figure6(results, paper, compact_status("figure6"))
     return results
 
 
@@ -876,6 +887,8 @@ def figure6(results: dict[str, Any], paper: dict[str, Any], compact: dict[str, s
 
     scenario("intra-dataset reuse (Table 2)", "table2",
              {"train from scratch": "train", "decompose + compose": "reuse", "compose from a store": "store"})
+    scenario("intra-dataset reuse, compact pairs (Table 2)", "table2",
+             {"train from scratch": "train", "decompose compact + compose": "compact"})
     scenario("inter-dataset reuse (Table 3)", "table3",
              {"train from scratch": "train", "decompose + continuous learning": "reuse",
               "+ score calibration": "calibrated", "+ head recalibration": "recalibrated"})
@@ -893,17 +906,19 @@ def figure6(results: dict[str, Any], paper: dict[str, Any], compact: dict[str, s
 
     ours["reuse, fixed epochs"] = ratio(["table2", "table3"], "reuse")
     ours["replace, fixed epochs"] = ratio(["table5"], "replace")
+    compact_ratios = {"reuse, fixed epochs": ratio(["table2"], "compact")}
     one_time = {}
     for name, part in results["table2"]["parts"].items():
         result = part.get("result")
         if result and "store_decompose" in result["experiment"].get("summary", {}):
             one_time[name] = result["experiment"]["summary"]["store_decompose"]["co2e_lbs"]
     return {"title": paper["figure6"]["title"], "paper": paper["figure6"], "compact": compact,
-            "scenarios": scenarios, "ratios": ours,
+            "scenarios": scenarios, "ratios": ours, "compact_ratios": compact_ratios,
             "repair": [{"option": r["option"], "co2e_lbs": r.get("repair_co2e_lbs"), "kwh": r.get("repair_kwh")}
                        for r in repair],
             "one_time_decomposition_co2e_lbs": one_time,
-            "notes": ["ratios: mean training energy over mean energy of the path, over the rows of the tables named",
+            "notes": ["ratios: mean training energy over mean energy of the path, over the rows of the tables named "
+                      "(compact modules: Table 2's compact pairs)",
                       "the paper also gives ratios up to the best epoch; every model here is charged for all its "
                       "epochs, so only the fixed-epoch ratios are measured"]}
 
