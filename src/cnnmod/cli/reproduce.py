@@ -27,7 +27,7 @@ def _only(ctx: click.Context, param: click.Parameter, value: str | None) -> list
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Reproduction folder: report.html, report.md, results.json, and the cache of finished parts.")
 @click.option("--profile", "profile_name", type=click.Choice(list(PROFILES)), default="quick", show_default=True,
-              help="quick: every table in minutes on a 2-core CPU (small subsets, 1 epoch); cpu: about 1.5 hours "
+              help="quick: every table in minutes on a 2-core CPU (small subsets, 1 epoch); cpu: about 70 minutes "
                    "there; full: the paper's sizes (200 epochs, all classes), for a GPU.")
 @click.option("--only", default=None, metavar="TABLES", callback=_only,
               help=f"Run only these, comma-separated ({', '.join(TABLES)}); the report still shows every table, "

@@ -130,7 +130,7 @@ QUICK = Profile(
 
 CPU = Profile(
     name="cpu",
-    summary="every table at sizes a 2-core CPU finishes in about 1.5 hours: 200 training and 50 test images per "
+    summary="every table at sizes a 2-core CPU finishes in about 70 minutes: 200 training and 50 test images per "
             "class, 10-epoch parents and 10-epoch models to compare with, a 20-class ImageNet subset at 32x32, "
             "all pairs of the paper's four classes, compact modules on 100,000 fine-tune images (pairs: 20,000)",
     train_per_class=200, test_per_class=50, samples_per_class=100, epochs=10,
