@@ -51,9 +51,9 @@ def reproduce(out: Path, profile_name: str, only: list[str] | None, cifar100: Pa
     """Regenerate the paper's evaluation (Tables 1-6, Figure 6) with its figures beside ours.
 
     Writes OUT/report.html (one self-contained file), OUT/report.md (its tables in Markdown) and OUT/results.json
-    (every number, keyed table1 ... table6, figure6). Finished parts are cached in OUT by a hash of their inputs, so running the same command
-    again resumes an interrupted run and redoes only what changed. Needs matplotlib for the plots
-    (pip install 'cnnmod[report]')."""
+    (every number, keyed table1 ... table6, figure6). Finished parts are cached in OUT by a hash of their inputs,
+    so running the same command again resumes an interrupted run and redoes only what changed. Needs matplotlib
+    for the plots (pip install 'cnnmod[report]')."""
     from ..energy import EnergyMeter
     from ..paper.report import require_matplotlib
     from ..paper.reproduce import Sources, open_reproduction

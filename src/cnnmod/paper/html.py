@@ -312,8 +312,8 @@ def _table2(results: dict[str, Any], plots: _Plots) -> str:
             body.append(_row(cells, "ours" if o else "paper", 1, 4))
         text = paper.get("text", {}).get(f"{dataset}_mean_gain")
         mean_ours = _mean([o["delta"] for o in ours])
-        mean_row = next((r for r in (result or {}).get("experiment", {}).get("rows", []) if r.get("pair") == "mean"),
-                        {})
+        mean_row: dict[str, Any] = next(
+            (r for r in (result or {}).get("experiment", {}).get("rows", []) if r.get("pair") == "mean"), {})
         compact_mean = _compact_pair_cells(mean_row, "") if _num(mean_row.get("compact_composed")) else [""] * 4
         body.append(_row(["mean Δ", "", "", paper_pct(text), "", "", "", pct(mean_ours), "", "", *compact_mean],
                          "ours"))
