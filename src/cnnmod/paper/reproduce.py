@@ -114,7 +114,7 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def compact_status(table: str = "table3") -> dict[str, str]:
+def compact_status(table: str) -> dict[str, str]:
     """What a table says in its compact columns: reproduce runs compact modules for Table 1, Table 2's pairs and
     Figure 6's ratio of those pairs; inter-dataset pairs and replacements of compact modules are not run."""
     if table in ("table1", "table2", "figure6"):
