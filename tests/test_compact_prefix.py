@@ -147,3 +147,23 @@ def test_the_prefix_all_modules_share_is_stored_once_and_each_module_file_names_
     result = cnnmod_cli("evaluate", store, "--data", tiny_data)
     assert result.exit_code != 0 and "prefix.net.safetensors" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("prefix_keep", [1.0, 0.5])
+def test_the_grouped_fine_tune_trains_the_same_modules_as_one_network_after_another(parent_and_data,  # type: ignore[no-untyped-def]
+                                                                                    prefix_keep: float) -> None:
+    parent, data = parent_and_data
+    before = {k: v.clone() for k, v in parent.model.graph.state_dict().items()}
+    config = replace(CompactConfig(importance_per_class=8, recalibrate_images=32).with_prefix_keep(prefix_keep),
+                     train_images=96, batch_size=32)
+    x = parent.input_spec.prepare(data.test.images)
+    outputs = {}
+    for batching in ("grouped", "each"):
+        result = compact_decompose(parent, data.train.images, data.train.labels, replace(config, batching=batching))
+        assert all(p.is_contiguous() for net in result.nets for p in net.parameters())
+        with torch.no_grad():
+            outputs[batching] = torch.stack([net(x) for net in result.nets], 1)
+    assert outputs["grouped"].abs().max() > 0.1
+    torch.testing.assert_close(outputs["grouped"], outputs["each"], atol=1e-4, rtol=1e-4)
+    after = parent.model.graph.state_dict()
+    assert all(torch.equal(v, after[k]) and after[k].is_contiguous() for k, v in before.items())

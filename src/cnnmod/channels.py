@@ -635,36 +635,52 @@ def unstack(stacked: fx.GraphModule, plan: ChannelPlan, keeps: Sequence[Mapping[
             parent: fx.GraphModule) -> list[fx.GraphModule]:
     """The M standalone networks of a stacked network of same-width modules (e.g. after fine-tuning it)."""
     keeps = [_sorted_keep(k, plan) for k in keeps]
-    widths = {s.index: len(keeps[0][s.index]) for s in plan.spaces}
-    if any(len(k[s]) != w for k in keeps for s, w in widths.items()):
+    if not same_widths(plan, keeps):
         raise CnnmodError("only modules of equal widths can be unstacked")
+    features = plan_head_features(plan, parent)
+    nets = [materialize(parent, plan, k, torch.zeros(2, features), torch.zeros(2)) for k in keeps]
+    load_stacked(stacked, plan, nets)
+    return nets
+
+
+def same_widths(plan: ChannelPlan, keeps: Sequence[Mapping[int, torch.Tensor]]) -> bool:
+    """Whether the modules keep as many channels as each other in every space (then they stack unpadded)."""
+    return all(len(k.get(s.index, ())) == len(keeps[0].get(s.index, ())) for k in keeps for s in plan.spaces)
+
+
+@torch.no_grad()
+def load_stacked(stacked: fx.GraphModule, plan: ChannelPlan, nets: Sequence[fx.GraphModule]) -> None:
+    """Copy the weights of a stacked network of same-width modules (`stack`, then e.g. fine-tuned and folded)
+    into the M module networks, in place. A layer the stack runs once (a shared prefix) goes to every module."""
+    m = len(nets)
+    for layer in plan.layers:
+        big = layer_at(stacked, layer.target)
+        big_bias = layer_bias(big)
+        for i, net in enumerate(nets):
+            small = layer_at(net, layer.target)
+            out, cols = small.weight.shape[0], small.weight.shape[1]
+            w, b = big.weight.detach(), big_bias.detach() if big_bias is not None else None
+            if m > 1 and w.shape[0] == m * out:
+                w, b = w[i * out:(i + 1) * out], b[i * out:(i + 1) * out] if b is not None else None
+                if isinstance(big, nn.Linear) and w.shape[1] == m * cols:  # block-diagonal
+                    w = w[:, i * cols:(i + 1) * cols]
+            if w.shape != small.weight.shape:
+                raise CnnmodError(f"layer {layer.target} of the stacked network does not match the modules")
+            small.weight.copy_(w)
+            small_bias = layer_bias(small)
+            if b is None:
+                if small_bias is not None:
+                    small_bias.zero_()
+            elif small_bias is not None:
+                small_bias.copy_(b)
+            elif bool(b.any()):
+                small.bias = nn.Parameter(b.clone())
     head = stacked.get_submodule(plan.head.target)
     assert isinstance(head, StackedHead)
-    nets = []
-    for i, k in enumerate(keeps):
-        net = materialize(parent, plan, k, torch.zeros(2, plan_head_features(plan, parent)), torch.zeros(2))
-        for layer in plan.layers:
-            big = layer_at(stacked, layer.target)
-            small = layer_at(net, layer.target)
-            rows = slice(i * small.weight.shape[0], (i + 1) * small.weight.shape[0])
-            grouped = layer.in_space is not None and layer.in_space != plan.input_space
-            w = big.weight.detach()[rows]
-            if isinstance(big, nn.Linear) and grouped:
-                w = w[:, i * small.weight.shape[1]:(i + 1) * small.weight.shape[1]]
-            small_bias = layer_bias(small)
-            with torch.no_grad():
-                small.weight.copy_(w)
-                if small_bias is not None:
-                    big_bias = layer_bias(big)
-                    if big_bias is None:  # stack gives every layer a bias
-                        raise CnnmodError(f"layer {layer.target} of the stacked network has no bias")
-                    small_bias.copy_(big_bias.detach()[rows])
+    for i, net in enumerate(nets):
         lin_weight, lin_bias = head_parameters(net, plan)
-        with torch.no_grad():
-            lin_weight.copy_(head.weight.detach()[i])
-            lin_bias.copy_(head.bias.detach()[i])
-        nets.append(net)
-    return nets
+        lin_weight.copy_(head.weight.detach()[i])
+        lin_bias.copy_(head.bias.detach()[i])
 
 
 def plan_head_features(plan: ChannelPlan, parent: fx.GraphModule) -> int:
