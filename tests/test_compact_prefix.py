@@ -167,3 +167,30 @@ def test_the_grouped_fine_tune_trains_the_same_modules_as_one_network_after_anot
     torch.testing.assert_close(outputs["grouped"], outputs["each"], atol=1e-4, rtol=1e-4)
     after = parent.model.graph.state_dict()
     assert all(torch.equal(v, after[k]) and after[k].is_contiguous() for k, v in before.items())
+
+
+def test_the_training_epoch_estimate_is_the_median_step_so_one_slow_step_does_not_move_it(parent_and_data,  # type: ignore[no-untyped-def]
+                                                                                            monkeypatch) -> None:
+    import time
+
+    from cnnmod import train
+
+    parent, data = parent_and_data
+    quiet = compact_module.training_epoch_estimate(parent, data.train.images, data.train.labels, steps=5, batch_size=8)
+    assert quiet["epoch_images"] == len(data.train.images) and quiet["measured_images"] == 40
+    calls = []
+    real = train.augment_batch
+
+    def one_slow_step(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 4:  # a measured step (after two warm-up steps) stalls for a second
+            end = time.perf_counter() + 1.0
+            while time.perf_counter() < end:
+                pass
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "augment_batch", one_slow_step)
+    slowed = compact_module.training_epoch_estimate(parent, data.train.images, data.train.labels, steps=5,
+                                                    batch_size=8)
+    steps_per_epoch = len(data.train.images) / 8
+    assert slowed["epoch_seconds"] < quiet["epoch_seconds"] + 0.1 * steps_per_epoch  # the mean would add 0.2

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
@@ -630,11 +631,12 @@ def module_set(parent: Parent, plan: ChannelPlan, keeps: Sequence[dict[int, torc
 # What it cost, next to what training the parent costs
 
 
-def training_epoch_estimate(parent: Parent, images: np.ndarray, labels: np.ndarray, steps: int = 6,
+def training_epoch_estimate(parent: Parent, images: np.ndarray, labels: np.ndarray, steps: int = 10,
                             batch_size: int = 128, seed: int = 0) -> dict:
     """Time and energy of one training epoch of the parent's architecture on `images`, measured with the same
-    meter as everything else on `steps` SGD steps of `batch_size` (after one warm-up step), scaled to the
-    epoch. The zoo architecture (with BatchNorm) trains where the parent is a zoo model; otherwise the folded
+    meter as everything else on `steps` SGD steps of `batch_size` (after two warm-up steps): the median step,
+    times the steps of an epoch (the median, so that a step slowed by something else on the machine does not
+    move it). The zoo architecture (with BatchNorm) trains where the parent is a zoo model; otherwise the folded
     graph does, which is a little cheaper than training the original."""
     import copy
 
@@ -671,14 +673,16 @@ def training_epoch_estimate(parent: Parent, images: np.ndarray, labels: np.ndarr
 
     with torch.random.fork_rng(devices=[]):
         step()
+        step()
         with EnergyMeter() as meter:
-            for _ in range(steps):
-                step()
-    measured = steps * min(batch_size, len(images))
-    scale = len(images) / measured
-    report = meter.report
-    return {"architecture": what, "measured_images": measured, "epoch_images": int(len(images)),
-            "epoch_seconds": report.seconds * scale, "epoch_kwh": report.kwh * scale, "method": report.method}
+            for i in range(steps):
+                with meter.step(f"step {i}"):
+                    step()
+    per_step = list(meter.steps.values())
+    scale = len(images) / min(batch_size, len(images))  # steps per epoch
+    return {"architecture": what, "measured_images": steps * min(batch_size, len(images)),
+            "epoch_images": int(len(images)), "epoch_seconds": statistics.median(r.seconds for r in per_step) * scale,
+            "epoch_kwh": statistics.median(r.kwh for r in per_step) * scale, "method": meter.report.method}
 
 
 def cost_record(cost: CompactCost, energy: dict, epoch: dict, epochs: int = 200) -> dict:
