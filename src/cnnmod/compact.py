@@ -61,7 +61,7 @@ class CompactConfig:
     """Fraction of the channels of every other space (inside residual blocks, hidden dense layers)."""
     importance_per_class: int = 32
     """Images per class for the importance pass."""
-    train_images: int = 250_000
+    train_images: int = 300_000
     """Training images seen by the fine-tune (all modules see the same images)."""
     batch_size: int = 64
     lr: float = 0.05

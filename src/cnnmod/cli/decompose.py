@@ -69,7 +69,7 @@ from .shards import open_dataset_once, total_energy
                    "channels and fine-tuned (for a few classes, e.g. a pair: 0.3), which changes the fine-tune's "
                    "defaults to lr 0.004, 50000 images and a feature hint (weight 5).")
 @click.option("--train-images", type=click.IntRange(min=0), default=None,
-              help="compact: training images of the joint fine-tune (0: none) [default: 250000, or 50000 with "
+              help="compact: training images of the joint fine-tune (0: none) [default: 300000, or 50000 with "
                    "--prefix-keep below 1].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @device_option

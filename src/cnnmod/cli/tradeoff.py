@@ -36,7 +36,7 @@ from .params import COUNT, FiniteFloat, FloatList
                    "mean kept-parameter fraction instead of the mean Jaccard index.")
 @click.option("--compact-train-images", type=click.IntRange(min=0), default=COMPACT_TRAIN_IMAGES,
               show_default=True,
-              help="Fine-tune images of each compact point (0: none); `decompose --method compact` uses 250000, "
+              help="Fine-tune images of each compact point (0: none); `decompose --method compact` uses 300000, "
                    "so fewer give a lower bound on its accuracy.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write the table (Markdown) and plot to this report folder.")

@@ -24,7 +24,7 @@ from ..progress import compact_progress, show_progress
 from ..store import load_store
 
 COMPACT_TRAIN_IMAGES = 20_000
-"""The fine-tune budget of each compact point unless told otherwise (`cnnmod decompose` uses 250,000)."""
+"""The fine-tune budget of each compact point unless told otherwise (`cnnmod decompose` uses 300,000)."""
 
 
 @dataclass(frozen=True)
