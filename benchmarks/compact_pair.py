@@ -1,7 +1,7 @@
 """A 2-class classifier of compact modules against the parent: accuracy on the pair and inference time.
 
     python benchmarks/compact_pair.py cat dog [--prefix-keep 0.3] [--train-images 50000] [--lr 0.004]
-        [--hint-weight 5] [--arch resnet20|resnet56]
+        [--hint-weight 5] [--label-weight 0.25] [--arch resnet20|resnet56]
 
 Decomposes the pair's two compact modules from the shared parent (a prefix narrowed to --prefix-keep of its
 channels for the pair, or the parent's own with 1), composes them, and times the pair classifier and the parent
@@ -38,13 +38,15 @@ def main() -> None:
     ap.add_argument("--train-images", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--hint-weight", type=float, default=None)
+    ap.add_argument("--label-weight", type=float, default=None)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     data = load_dataset(DATA, progress=False)
     model = load_weights(create_model(args.arch, num_classes=10), SHARED / "models" / WEIGHTS[args.arch]).eval()
     parent = Parent.from_model(model, InputSpec.default((32, 32), 3), data.classes, args.arch)
     config = CompactConfig().with_prefix_keep(args.prefix_keep)
-    changes = {"train_images": args.train_images, "lr": args.lr, "hint_weight": args.hint_weight}
+    changes = {"train_images": args.train_images, "lr": args.lr, "hint_weight": args.hint_weight,
+               "label_weight": args.label_weight}
     config = replace(config, **{k: v for k, v in changes.items() if v is not None})
     images, labels = parent_labels(parent, data.train)
     start = time.perf_counter()
