@@ -31,7 +31,7 @@ def parent_and_data(tiny_model: Path, tiny_data: Path):  # type: ignore[no-untyp
 def test_the_narrowed_prefix_defaults_are_those_measured() -> None:
     narrowed = CompactConfig(seed=3).with_prefix_keep(0.3)
     assert (narrowed.prefix_keep, narrowed.freeze_prefix, narrowed.lr, narrowed.train_images, narrowed.seed) == \
-        (0.3, False, 0.004, 50_000, 3)
+        (0.3, False, 0.004, 100_000, 3)
     assert narrowed.hint_weight == 5.0
     whole = narrowed.with_prefix_keep(1.0)
     assert (whole.prefix_keep, whole.freeze_prefix) == (1.0, True)

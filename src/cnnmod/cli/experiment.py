@@ -135,7 +135,7 @@ def with_common(f):  # type: ignore[no-untyped-def]
                    "fractions).")
 @click.option("--train-images", type=click.IntRange(min=0), default=COMPACT_TRAIN_IMAGES, show_default=True,
               help="compact: training images of each fine-tune (the store's and each pair's; 0: none). "
-                   "`decompose --method compact` uses 300000, or 50000 with --prefix-keep below 1.")
+                   "`decompose --method compact` uses 300000, or 100000 with --prefix-keep below 1.")
 @click.option("--prefix-keep", type=FiniteFloat(0.0, 1.0, open_low=True), default=1.0, show_default=True,
               help="compact: the pairs' own decompositions keep this fraction of the shared prefix's channels, "
                    "chosen for the pair and fine-tuned (`decompose --prefix-keep`: lr 0.004 and a feature hint); "

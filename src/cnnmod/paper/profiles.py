@@ -66,7 +66,7 @@ class Profile:
     repair_arch: str
     scratch_arch: str | None = None  # the model trained to compare with in Tables 3 and 5 (None: parent A's)
     compact_train_images: int = 300_000  # Table 1's compact modules: fine-tune images (cnnmod's default)
-    compact_pair_images: int = 50_000  # Table 2's compact pairs: fine-tune images (the narrowed prefix's default)
+    compact_pair_images: int = 100_000  # Table 2's compact pairs: fine-tune images (the narrowed prefix's default)
     compact_prefix_keep: float = 0.3  # Table 2's compact pairs: the share of the prefix's channels they keep
 
     def model(self, key: str) -> ModelSpec:
