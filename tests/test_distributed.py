@@ -94,3 +94,11 @@ def test_an_error_stops_every_rank_and_is_printed_once(stores: tuple[Path, Path,
     assert run.returncode != 0
     assert run.stderr.count("error: ") == 1 and "exists" in run.stderr
     assert run.stdout == ""
+
+
+def test_compact_modules_under_torchrun_are_refused_once_and_nothing_is_written(tmp_path: Path) -> None:
+    out = tmp_path / "compact"
+    run = cnnmod("decompose", MODEL, "--data", DATA, "--method", "compact", "--out", out, processes=2)
+    assert run.returncode != 0
+    assert run.stderr.count("error: ") == 1 and "without torchrun" in run.stderr
+    assert not out.exists()

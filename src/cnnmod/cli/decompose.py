@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -17,8 +18,9 @@ from ..decompose import (
     pass_classes,
     plan_for,
 )
-from ..distributed import Shard, joined
+from ..distributed import Shard, in_torchrun, joined
 from ..energy import EnergyMeter
+from ..errors import CnnmodError
 from ..evaluate import relabel
 from ..memory import MemoryEstimate, estimate_decomposition, refusal, room
 from ..modules import Parent
@@ -86,6 +88,11 @@ def decompose(model: ModelSource, data_path: Path, data_format: str | None, clas
     counts; rank 0 writes the store, which equals the one a single process writes."""
     if method == "compact":
         from .decompose_compact import compact_config, decompose_compact
+
+        if in_torchrun():  # every rank would fine-tune the same modules and write the same store
+            if os.environ.get("RANK", "0") != "0":  # the error is printed once, by rank 0
+                raise click.exceptions.Exit(2)
+            raise CnnmodError("--method compact runs in one process; start it without torchrun")
 
         return decompose_compact(model, data_path, data_format, split_classes(classes), out,
                                  compact_config(stream_keep, inner_keep, train_images, seed, prefix_keep),
