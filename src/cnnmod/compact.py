@@ -8,10 +8,12 @@ For every class c:
 2. **Keep sets**: in every space, module c keeps the channels most important to it; the count per space is the
    same for every module (a per-space fraction), so all modules of a parent have the same shapes.
 3. **Materialise** each module (sliced convolutions and biases, the channeled head) and **fine-tune all modules
-   together** on a few thousand training images, by distillation from the parent and the labels, with the
-   composed vote in the loss: the ten margins `z_c - z_uc` are the logits of one softmax, pulled towards the
-   parent's softmax (temperature T) and the label; each module's own sigmoid is pulled towards the parent's
-   probability of its class, so that a module means something alone and in any subset.
+   together** (300,000 augmented training images by default), by distillation from the parent and the labels,
+   with the composed vote in the loss: the ten margins `z_c - z_uc` are the logits of one softmax, pulled
+   towards the parent's softmax (temperature T) and the label; each module's own sigmoid is pulled towards the
+   parent's probability of its class, so that a module means something alone and in any subset. Modules of equal
+   widths train as one stacked network of grouped convolutions (`cnnmod.channels.stack`), channels-last, and
+   their weights are copied back into each module's own network (`load_stacked`).
 
 Everything is seeded: the same parent, data and seed give the same modules. The parent is never changed.
 """
