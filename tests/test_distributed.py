@@ -99,6 +99,17 @@ def test_an_error_stops_every_rank_and_is_printed_once(stores: tuple[Path, Path,
 def test_compact_modules_under_torchrun_are_refused_once_and_nothing_is_written(tmp_path: Path) -> None:
     out = tmp_path / "compact"
     run = cnnmod("decompose", MODEL, "--data", DATA, "--method", "compact", "--out", out, processes=2)
-    assert run.returncode != 0
-    assert run.stderr.count("error: ") == 1 and "without torchrun" in run.stderr
+    assert run.returncode == 1
+    assert run.stderr.count("error: ") == 1 and "--method compact runs in one process" in run.stderr
     assert not out.exists()
+
+
+def test_a_command_that_does_not_share_its_work_is_refused_once_under_torchrun(tmp_path: Path) -> None:
+    out = tmp_path / "trained.safetensors"
+    run = cnnmod("train", "smallcnn", "--data", DATA, "--epochs", 1, "--out", out, processes=2)
+    assert run.returncode == 1
+    assert run.stderr.count("error: ") == 1 and "cnnmod train runs in one process" in run.stderr
+    assert run.stdout == ""
+    assert not out.exists()
+    shown = cnnmod("train", "--help", processes=2)  # help reads and writes nothing: every rank may show it
+    assert shown.returncode == 0 and "Usage:" in shown.stdout

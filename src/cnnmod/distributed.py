@@ -20,7 +20,7 @@ import torch
 
 from .errors import CnnmodError
 
-__all__ = ["SINGLE", "Shard", "joined"]
+__all__ = ["SINGLE", "Shard", "joined", "one_process_only"]
 
 T = TypeVar("T")
 
@@ -127,6 +127,17 @@ def in_torchrun() -> bool:
         return int(os.environ.get("WORLD_SIZE", "1")) > 1
     except ValueError:
         return False
+
+
+def one_process_only(what: str) -> None:
+    """Stop, before anything is read or written, a job that does not share its work between torchrun's processes
+    (each would do all of it and write the same files): rank 0 raises the error, which it alone prints; the other
+    ranks exit with status 1 and print nothing. Nothing happens outside torchrun."""
+    if not in_torchrun():
+        return
+    if os.environ.get("RANK", "0").strip() != "0":
+        raise RankExit(1)
+    raise CnnmodError(f"{what} runs in one process; start it without torchrun")
 
 
 @contextmanager

@@ -25,7 +25,32 @@ _QUIET_HELP = ("No progress bars or progress messages on stderr (results, warnin
                "bars are only drawn when stderr is a terminal anyway.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+SHARDED_COMMANDS = frozenset({"decompose", "evaluate"})
+"""The commands whose processes share the work under torchrun (they take a `cnnmod.distributed.Shard`)."""
+
+
+class _Command(click.Command):
+    """A command that refuses torchrun, unless it shares its work between the processes: checked once its
+    arguments are parsed (so --help and usage errors read as usual) and before it reads or writes anything."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        name = ctx.command_path.partition(" ")[2]
+        if name not in SHARDED_COMMANDS:
+            from ..distributed import one_process_only
+
+            try:
+                one_process_only(f"cnnmod {name}")
+            except CnnmodError as e:
+                _fail(str(e), EXIT_USER_ERROR)
+        return super().invoke(ctx)
+
+
+class _Group(click.Group):
+    command_class = _Command
+    group_class = type  # subgroups (cnnmod repair, cnnmod experiment) are of this class too
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="cnnmod")
 @click.option("--quiet", "-q", is_flag=True, help=_QUIET_HELP)
 def cli(quiet: bool) -> None:
@@ -135,7 +160,7 @@ def main() -> None:
         if e.ctx is not None and type(e).__name__ == "NoArgsIsHelpError":
             click.echo(e.ctx.get_help())
             sys.exit(0)
-        hint = f" (see 'cnnmod {e.ctx.info_name} --help')" if e.ctx is not None and e.ctx.parent else \
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None and e.ctx.parent else \
             " (see 'cnnmod --help')"
         click.echo(f"error: {' '.join(e.format_message().split())}{hint}", err=True)
         code = EXIT_USAGE

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -18,9 +17,8 @@ from ..decompose import (
     pass_classes,
     plan_for,
 )
-from ..distributed import Shard, in_torchrun, joined
+from ..distributed import Shard, joined, one_process_only
 from ..energy import EnergyMeter
-from ..errors import CnnmodError
 from ..evaluate import relabel
 from ..memory import MemoryEstimate, estimate_decomposition, refusal, room
 from ..modules import Parent
@@ -89,11 +87,7 @@ def decompose(model: ModelSource, data_path: Path, data_format: str | None, clas
     if method == "compact":
         from .decompose_compact import compact_config, decompose_compact
 
-        if in_torchrun():  # every rank would fine-tune the same modules and write the same store
-            if os.environ.get("RANK", "0") != "0":  # the error is printed once, by rank 0
-                raise click.exceptions.Exit(2)
-            raise CnnmodError("--method compact runs in one process; start it without torchrun")
-
+        one_process_only("--method compact")
         return decompose_compact(model, data_path, data_format, split_classes(classes), out,
                                  compact_config(stream_keep, inner_keep, train_images, seed, prefix_keep),
                                  overwrite, device, as_json)
