@@ -8,8 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cnnmod.data import load_dataset
-from cnnmod.inputs import InputSpec
-from cnnmod.modules import Parent
+from cnnmod.engine.inputs import InputSpec
+from cnnmod.engine.modules import Parent
 from cnnmod.zoo import create_model, load_weights
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

@@ -17,13 +17,13 @@ from dataclasses import replace
 
 from common import DATA, SHARED, side_by_side
 
-from cnnmod.compact import CompactConfig, decompose_compact
-from cnnmod.compose import compose
 from cnnmod.data import load_dataset
-from cnnmod.energy import EnergyMeter
-from cnnmod.inputs import InputSpec
-from cnnmod.modules import Parent
+from cnnmod.engine.compact import CompactConfig, decompose_compact
+from cnnmod.engine.compose import compose
+from cnnmod.engine.inputs import InputSpec
+from cnnmod.engine.modules import Parent
 from cnnmod.paper.experiments import accuracy, module_parameters, parent_labels
+from cnnmod.workflows.energy import EnergyMeter
 from cnnmod.zoo import create_model, load_weights
 
 WEIGHTS = {"resnet20": "resnet20-12fca82f.th", "resnet56": "resnet56-4bfd9763.th"}

@@ -17,15 +17,15 @@ import dataclasses
 
 from common import resnet20_and_cifar10, side_by_side
 
-from cnnmod.decompose import DecomposeConfig, decompose
+from cnnmod.engine.decompose import DecomposeConfig, decompose
 
 
 def compact_modules(parent, data, store):  # type: ignore[no-untyped-def]
     if store:
-        from cnnmod.store import load_store
+        from cnnmod.storage.store import load_store
 
         return load_store(store, with_activity=False).modules
-    from cnnmod.compact import CompactConfig, compact_decompose, module_set
+    from cnnmod.engine.compact import CompactConfig, compact_decompose, module_set
 
     config = CompactConfig(train_images=0, importance_per_class=8, recalibrate_images=0)
     result = compact_decompose(parent, data.train.images, data.train.labels, config)

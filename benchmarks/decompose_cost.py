@@ -11,8 +11,8 @@ import argparse
 import torch
 from common import resnet20_and_cifar10, side_by_side
 
-from cnnmod.activity import plan_samples
-from cnnmod.decompose import DecomposeConfig, decompose
+from cnnmod.engine.activity import plan_samples
+from cnnmod.engine.decompose import DecomposeConfig, decompose
 
 
 def main() -> None:

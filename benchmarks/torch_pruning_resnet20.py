@@ -3,7 +3,7 @@
     pip install torch-pruning && python benchmarks/torch_pruning_resnet20.py
 Prints, for the zoo model and for cnnmod's traced (BatchNorm-folded) parent, how many layers Torch-Pruning ties
 to the stem's channels, and whether pruning three of them leaves a network that runs; then the channel spaces
-cnnmod finds (cnnmod.channels).
+cnnmod finds (cnnmod.engine.channels).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import torch
 import torch_pruning as tp
 from common import MODEL
 
-from cnnmod.channels import channel_plan
-from cnnmod.inputs import InputSpec
-from cnnmod.modules import Parent
+from cnnmod.engine.channels import channel_plan
+from cnnmod.engine.inputs import InputSpec
+from cnnmod.engine.modules import Parent
 from cnnmod.zoo import create_model, load_weights
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cnnmod.activity import (
+from cnnmod.engine.activity import (
     SamplePlan,
     _Batch,
     activity_counts,
@@ -22,11 +22,11 @@ from cnnmod.activity import (
     plan_samples,
     record_activity,
 )
-from cnnmod.decompose import DecomposeConfig, decompose, decompose_in_passes, observe
-from cnnmod.distributed import Shard
-from cnnmod.inputs import InputSpec
-from cnnmod.modules import Parent
-from cnnmod.trace import with_taps
+from cnnmod.engine.decompose import DecomposeConfig, decompose, decompose_in_passes, observe
+from cnnmod.engine.distributed import Shard
+from cnnmod.engine.inputs import InputSpec
+from cnnmod.engine.modules import Parent
+from cnnmod.engine.trace import with_taps
 from cnnmod.zoo import create_model
 from fixtures.nets import ResidualNet, parent_of
 
@@ -285,7 +285,7 @@ def test_channel_granularity_from_channel_counts_equals_it_from_node_counts() ->
     from_channels = decompose_in_passes(parent, images, labels, config, progress=False, keep_activity=True)
     assert from_channels.activity is not None and from_channels.activity.granularity == "channel"
     node_activity = observe(parent, images, labels, config.replace(granularity="node"), progress=False)
-    from cnnmod.decompose import derive_modules
+    from cnnmod.engine.decompose import derive_modules
 
     from_nodes = derive_modules(parent, node_activity, config)
     for k in from_nodes.masks:

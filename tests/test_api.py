@@ -11,10 +11,10 @@ import cnnmod  # noqa: F401  (the package itself is under test)
 
 
 def test_every_public_name_resolves_to_what_it_names() -> None:
-    import cnnmod.calibrate
-    import cnnmod.compose
-    import cnnmod.decompose
-    import cnnmod.evaluate  # noqa: F401  (binding these submodules must not hide the functions)
+    import cnnmod.engine.compose
+    import cnnmod.engine.decompose
+    import cnnmod.workflows.calibrate
+    import cnnmod.workflows.evaluate  # noqa: F401  (binding these submodules must not hide the functions)
 
     for name in cnnmod.__all__:
         value = getattr(cnnmod, name)

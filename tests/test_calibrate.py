@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from cnnmod.calibrate import calibrate, labelled_sample
-from cnnmod.compose import ComposedClassifier, compose, reverified
 from cnnmod.data import ImageSet
+from cnnmod.engine.compose import ComposedClassifier, compose, reverified
 from cnnmod.errors import CnnmodError
+from cnnmod.workflows.calibrate import calibrate, labelled_sample
 from fixtures.nets import RandomConvNet, grey_parent, parent_of, random_modules
 
 

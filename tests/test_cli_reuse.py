@@ -19,7 +19,7 @@ from click.testing import Result
 import cnnmod.cli.compose
 import cnnmod.cli.edit
 import cnnmod.cli.reuse  # noqa: F401  (register the commands under test)
-from cnnmod.store import load_composition, load_store
+from cnnmod.storage.store import load_composition, load_store
 from fixtures.cli import assert_error, ok_json
 
 Cli = Callable[..., Result]

@@ -14,14 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnmod import channels as ch
-from cnnmod.compact import module_set
-from cnnmod.compactstore import build_shared, load_module_network, trunk_network
-from cnnmod.engines import CompactNets, EngineResult, choose_engine, union_keeps
+from cnnmod.engine import channels as ch
+from cnnmod.engine.compact import module_set
+from cnnmod.engine.engines import CompactNets, EngineResult, choose_engine, union_keeps
+from cnnmod.engine.modules import ModuleSet
 from cnnmod.errors import CnnmodError, StoreError
-from cnnmod.fileio import sha256_file
-from cnnmod.modules import ModuleSet
-from cnnmod.store import load_store, save_store
+from cnnmod.storage.compactstore import build_shared, load_module_network, trunk_network
+from cnnmod.storage.fileio import sha256_file
+from cnnmod.storage.store import load_store, save_store
 from fixtures.nets import parent_of
 
 
@@ -295,7 +295,7 @@ def test_decompose_compact_evaluate_and_inspect_through_the_cli(cnnmod_cli, tiny
 def test_a_prefix_all_modules_share_runs_once_with_identical_outputs(parent) -> None:  # type: ignore[no-untyped-def]
     import dataclasses
 
-    from cnnmod.engines import common_prefix
+    from cnnmod.engine.engines import common_prefix
 
     plan = ch.channel_plan(parent.model)
     stem, a, c, d = spaces(parent, plan)

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from cnnmod import compact as compact_module
-from cnnmod.channels import split_at
-from cnnmod.compact import CompactConfig, choose_cut, compact_decompose, prefix_spaces
 from cnnmod.data import load_dataset
-from cnnmod.engines import common_prefix
-from cnnmod.models_in import ModelSource, open_model
-from cnnmod.store import load_store
+from cnnmod.engine import compact as compact_module
+from cnnmod.engine.channels import split_at
+from cnnmod.engine.compact import CompactConfig, choose_cut, compact_decompose, prefix_spaces
+from cnnmod.engine.engines import common_prefix
+from cnnmod.storage.models_in import ModelSource, open_model
+from cnnmod.storage.store import load_store
 from fixtures.cli import ok_json
 
 
@@ -107,8 +107,8 @@ def test_the_prefix_all_modules_share_is_stored_once_and_each_module_file_names_
 
     from safetensors import safe_open
 
-    from cnnmod.compactstore import load_module_network, save_network
     from cnnmod.errors import StoreError
+    from cnnmod.storage.compactstore import load_module_network, save_network
 
     store = tmp_path / "s"
     ok_json(cnnmod_cli("decompose", tiny_model, "--data", tiny_data, "--out", store, "--method", "compact",
@@ -173,7 +173,7 @@ def test_the_training_epoch_estimate_is_the_median_step_so_one_slow_step_does_no
                                                                                             monkeypatch) -> None:
     import time
 
-    from cnnmod import train
+    from cnnmod.workflows import train
 
     parent, data = parent_and_data
     quiet = compact_module.training_epoch_estimate(parent, data.train.images, data.train.labels, steps=5, batch_size=8)

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cnnmod.compose import compose
-from cnnmod.decompose import DecomposeConfig, channel_heads, decompose
+from cnnmod.engine.compose import compose
+from cnnmod.engine.decompose import DecomposeConfig, channel_heads, decompose
+from cnnmod.engine.modules import ModuleSet
 from cnnmod.errors import CnnmodError
-from cnnmod.metrics import parameter_counts, precision_recall, topk_accuracy
-from cnnmod.modules import ModuleSet
+from cnnmod.workflows.metrics import parameter_counts, precision_recall, topk_accuracy
 from fixtures.nets import DenseNet, GapConvNet, RandomConvNet, parent_of, random_modules
 
 # ---------------------------------------------------------------------------------------------------------

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from cnnmod.decompose import DecomposeConfig, channel_heads, decompose, derive_modules, keep_masks, observe
+from cnnmod.engine.decompose import DecomposeConfig, channel_heads, decompose, derive_modules, keep_masks, observe
+from cnnmod.engine.inputs import InputSpec
+from cnnmod.engine.modules import Parent
 from cnnmod.errors import CnnmodError
-from cnnmod.inputs import InputSpec
-from cnnmod.modules import Parent
 from fixtures.nets import (
     ChannelNet,
     ConvDense,

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cnnmod.activity import plan_samples
-from cnnmod.distributed import Shard
-from cnnmod.inputs import batch_slices
+from cnnmod.engine.activity import plan_samples
+from cnnmod.engine.distributed import Shard
+from cnnmod.engine.inputs import batch_slices
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "cnnmod" / "assets"
 MODEL = ASSETS / "smallcnn-fmnist.safetensors"

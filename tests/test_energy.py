@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from cnnmod.energy import EnergyMeter, EnergyReport, paper_kwh
 from cnnmod.errors import CnnmodError
+from cnnmod.workflows.energy import EnergyMeter, EnergyReport, paper_kwh
 
 REL = 1e-9
 NO_POWERCAP = Path("/nonexistent/powercap")

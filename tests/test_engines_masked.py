@@ -4,17 +4,15 @@ head reading those features; and how `evaluate` chooses between it and the exact
 from __future__ import annotations
 
 import dataclasses
-import importlib
 
 import numpy as np
 import pytest
 import torch
 
 from cnnmod.errors import CnnmodError
-from cnnmod.evaluate import evaluate
+from cnnmod.workflows import evaluate as evaluation
+from cnnmod.workflows.evaluate import evaluate
 from fixtures.nets import grey_parent, random_modules
-
-evaluation = importlib.import_module("cnnmod.evaluate")  # the module (the package exports the function)
 
 
 def images(n: int, seed: int = 0) -> np.ndarray:

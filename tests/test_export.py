@@ -20,10 +20,12 @@ import torch
 from click.testing import CliRunner, Result
 from PIL import Image
 
-from cnnmod.compose import ComposedClassifier, compose, reverified
 from cnnmod.data import load_dataset
-from cnnmod.decompose import DecomposeConfig, decompose
-from cnnmod.export import (
+from cnnmod.engine.compose import ComposedClassifier, compose, reverified
+from cnnmod.engine.decompose import DecomposeConfig, decompose
+from cnnmod.engine.inputs import InputSpec, as_format
+from cnnmod.engine.modules import ModuleSet, Parent
+from cnnmod.storage.export import (
     ExportedClassifier,
     _Resize,
     composed_scores,
@@ -32,10 +34,8 @@ from cnnmod.export import (
     read_labels,
     select_labels,
 )
-from cnnmod.inputs import InputSpec, as_format
-from cnnmod.modules import ModuleSet, Parent
-from cnnmod.outputs import kind_of
-from cnnmod.store import load_composition, save_composition, save_store
+from cnnmod.storage.outputs import kind_of
+from cnnmod.storage.store import load_composition, save_composition, save_store
 from cnnmod.zoo import create_model, load_model_file
 from fixtures.cli import assert_error, ok_json
 from fixtures.nets import random_modules

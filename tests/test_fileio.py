@@ -6,7 +6,7 @@ import safetensors.torch
 import torch
 
 from cnnmod.errors import StoreError
-from cnnmod.fileio import (
+from cnnmod.storage.fileio import (
     atomic_save_safetensors,
     atomic_write_bytes,
     atomic_write_text,

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnmod.errors import StoreError
-from cnnmod.fileio import atomic_save_safetensors, load_safetensors, sha256_file
-from cnnmod.graphio import graph_from_data, graph_to_data, load_graph, save_graph
+from cnnmod.storage.fileio import atomic_save_safetensors, load_safetensors, sha256_file
+from cnnmod.storage.graphio import graph_from_data, graph_to_data, load_graph, save_graph
 
 
 class Block(nn.Module):
@@ -175,8 +175,8 @@ def test_loads_in_a_fresh_process_without_user_code(
         atomic_save_safetensors(tmp_path / "io.safetensors", {"x": x, "y": traced(x)})
     code = (
         "import sys, torch\n"
-        "from cnnmod.graphio import load_graph\n"
-        "from cnnmod.fileio import load_safetensors\n"
+        "from cnnmod.storage.graphio import load_graph\n"
+        "from cnnmod.storage.fileio import load_safetensors\n"
         f"gm = load_graph({str(path)!r}, {digest!r})\n"
         f"io, _ = load_safetensors({str(tmp_path / 'io.safetensors')!r}, None)\n"
         "with torch.no_grad():\n"

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnnmod.compose import compose
-from cnnmod.decompose import DecomposeConfig, decompose
-from cnnmod.inputs import InputSpec
-from cnnmod.modules import ModuleSet, Parent
-from cnnmod.store import load_composition, load_store, save_composition, save_store
+from cnnmod.engine.compose import compose
+from cnnmod.engine.decompose import DecomposeConfig, decompose
+from cnnmod.engine.inputs import InputSpec
+from cnnmod.engine.modules import ModuleSet, Parent
+from cnnmod.storage.store import load_composition, load_store, save_composition, save_store
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 

@@ -13,10 +13,10 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cnnmod.decompose import channel_heads
-from cnnmod.inputs import InputSpec
-from cnnmod.modules import ModuleSet, Parent, _MaskTap, _Repeat
-from cnnmod.trace import with_taps
+from cnnmod.engine.decompose import channel_heads
+from cnnmod.engine.inputs import InputSpec
+from cnnmod.engine.modules import ModuleSet, Parent, _MaskTap, _Repeat
+from cnnmod.engine.trace import with_taps
 from cnnmod.zoo import create_model
 from fixtures.nets import RandomConvNet, parent_of
 
@@ -134,7 +134,7 @@ def test_the_masked_network_leaves_the_parent_unchanged() -> None:
 
 @pytest.mark.parametrize("make", [resnet8, lambda: parent_of(RandomConvNet(), (6, 6))], ids=["resnet8", "convnet"])
 def test_the_parents_inference_network_runs_relus_in_place_with_the_same_outputs(make) -> None:  # type: ignore[no-untyped-def]
-    from cnnmod.modules import inference_network
+    from cnnmod.engine.modules import inference_network
 
     parent = make()
     code = parent.model.graph.code
@@ -148,7 +148,7 @@ def test_the_parents_inference_network_runs_relus_in_place_with_the_same_outputs
 
 
 def test_relus_run_in_place_only_on_fresh_values_nothing_else_reads() -> None:
-    from cnnmod.modules import relus_in_place
+    from cnnmod.engine.modules import relus_in_place
 
     class Net(nn.Module):
         def __init__(self) -> None:

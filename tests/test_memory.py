@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cnnmod.decompose import CLASSES_PER_BACKTRACK, DecomposeConfig, pass_classes, plan_for
+from cnnmod.engine.decompose import CLASSES_PER_BACKTRACK, DecomposeConfig, pass_classes, plan_for
+from cnnmod.engine.inputs import InputSpec
+from cnnmod.engine.memory import MemoryEstimate, estimate_decomposition, refusal
+from cnnmod.engine.modules import Parent
 from cnnmod.errors import CnnmodError
-from cnnmod.inputs import InputSpec
-from cnnmod.memory import MemoryEstimate, estimate_decomposition, refusal
-from cnnmod.modules import Parent
 from cnnmod.zoo import create_model
 from fixtures.cli import assert_error
 
@@ -23,10 +23,10 @@ MEASURE = """
 import json, resource, sys
 import numpy as np, torch
 torch.set_num_threads(1)
-from cnnmod.decompose import CLASSES_PER_BACKTRACK, DecomposeConfig, decompose_in_passes, pass_classes, plan_for
-from cnnmod.inputs import InputSpec
-from cnnmod.memory import estimate_decomposition
-from cnnmod.modules import Parent
+from cnnmod.engine.decompose import CLASSES_PER_BACKTRACK, DecomposeConfig, decompose_in_passes, pass_classes, plan_for
+from cnnmod.engine.inputs import InputSpec
+from cnnmod.engine.memory import estimate_decomposition
+from cnnmod.engine.modules import Parent
 from cnnmod.zoo import create_model
 
 classes, per_pass = int(sys.argv[1]), int(sys.argv[2]) or None
@@ -104,12 +104,12 @@ def test_a_decomposition_that_does_not_fit_names_what_helps() -> None:
 def test_the_cli_refuses_a_decomposition_that_does_not_fit(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    import cnnmod.memory
+    import cnnmod.engine.memory
     from cnnmod.cli.app import cli, register_commands
 
     register_commands()
     assets = Path(__file__).resolve().parents[1] / "src" / "cnnmod" / "assets"
-    monkeypatch.setattr(cnnmod.memory, "available_bytes", lambda: 1000)
+    monkeypatch.setattr(cnnmod.engine.memory, "available_bytes", lambda: 1000)
     result = CliRunner().invoke(cli, ["decompose", str(assets / "smallcnn-fmnist.safetensors"), "--data",
                                       str(assets / "fmnist-sample.npz"), "--samples-per-class", "5", "--out",
                                       str(tmp_path / "s"), "--quiet"])
@@ -121,7 +121,7 @@ def test_the_cli_refuses_a_decomposition_that_does_not_fit(monkeypatch: pytest.M
 def test_overlap_and_jaccard_are_those_of_the_dense_masks_computed_in_blocks() -> None:
     import torch
 
-    from cnnmod.evaluate import overlap_matrix
+    from cnnmod.workflows.evaluate import overlap_matrix
     from fixtures.nets import RandomConvNet, random_modules
 
     parent = Parent.from_model(RandomConvNet(), InputSpec.default((6, 6), 1), ["c0", "c1", "c2", "c3"])

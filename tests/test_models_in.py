@@ -23,13 +23,13 @@ from click.testing import Result
 from safetensors.torch import save_file
 from torch import nn
 
-from cnnmod.exported import from_exported
-from cnnmod.inputs import InputSpec
-from cnnmod.models_in import ModelSource, open_model, parse_input_size
-from cnnmod.modules import Parent
-from cnnmod.parentfile import load_parent_file
+from cnnmod.engine.inputs import InputSpec
+from cnnmod.engine.modules import Parent
 from cnnmod.progress import is_quiet, set_quiet, show_progress
-from cnnmod.store import load_store
+from cnnmod.storage.exported import from_exported
+from cnnmod.storage.models_in import ModelSource, open_model, parse_input_size
+from cnnmod.storage.parentfile import load_parent_file
+from cnnmod.storage.store import load_store
 from cnnmod.zoo import create_model, save_model_file
 from fixtures.cli import assert_error, ok_json
 

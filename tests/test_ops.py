@@ -1,4 +1,4 @@
-"""The op table (cnnmod.ops), and models written the way users write them.
+"""The op table (cnnmod.engine.ops), and models written the way users write them.
 
 Each user-style model is traced by cnnmod equal to the eager model on the embedded Fashion-MNIST test images,
 and the classifier composed from its modules (variant bi, rho 0) predicts what the parent predicts. The
@@ -21,15 +21,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import cnnmod
-from cnnmod import ops
-from cnnmod.backtrack import backtrack
-from cnnmod.decompose import DecomposeConfig, decompose
+from cnnmod.engine import ops
+from cnnmod.engine.backtrack import backtrack
+from cnnmod.engine.decompose import DecomposeConfig, decompose
+from cnnmod.engine.inputs import InputSpec
+from cnnmod.engine.modules import ModuleSet, Parent
+from cnnmod.engine.trace import trace_model
 from cnnmod.errors import StoreError, TraceError
-from cnnmod.graphio import graph_from_data, graph_to_data
-from cnnmod.inputs import InputSpec
-from cnnmod.modules import ModuleSet, Parent
-from cnnmod.store import load_store, save_store
-from cnnmod.trace import trace_model
+from cnnmod.storage.graphio import graph_from_data, graph_to_data
+from cnnmod.storage.store import load_store, save_store
 from cnnmod.zoo import create_model, list_models, model_info
 
 SPEC = InputSpec.default((28, 28), 1)

@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from cnnmod.errors import StoreError
-from cnnmod.outputs import OutputError, check_output, write_file, write_folder
-from cnnmod.store import load_composition, load_store, save_store
+from cnnmod.storage.outputs import OutputError, check_output, write_file, write_folder
+from cnnmod.storage.store import load_composition, load_store, save_store
 
 ASSETS = Path(str(resources.files("cnnmod") / "assets"))
 MODEL = ASSETS / "smallcnn-fmnist.safetensors"
@@ -491,7 +491,7 @@ def test_files_and_folders_get_the_umask(base: Path, comp: Path, work: Path) -> 
 
 
 def test_overwriting_a_file_leaves_nothing_beside_it(work: Path) -> None:
-    from cnnmod.outputs import register_kind
+    from cnnmod.storage.outputs import register_kind
 
     register_kind("test-note", folder=False, recognise=lambda p: p.is_file() and p.read_bytes().startswith(b"NOTE"))
     target = work / "a.note"
@@ -546,7 +546,7 @@ def test_a_class_without_samples_is_named(work: Path) -> None:
 def test_an_input_spec_that_is_not_one_is_refused_wherever_it_comes_from(size: tuple[int, int], channels: int,
                                                                           mean: tuple[float, ...],
                                                                           std: tuple[float, ...]) -> None:
-    from cnnmod.inputs import InputSpec
+    from cnnmod.engine.inputs import InputSpec
 
     with pytest.raises(ValueError):
         InputSpec(size, channels, mean, std)

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from cnnmod.compose import compose
 from cnnmod.data import ImageSet
+from cnnmod.engine.compose import compose
+from cnnmod.engine.inputs import InputSpec, as_format
+from cnnmod.engine.modules import ModuleSet
 from cnnmod.errors import CnnmodError
-from cnnmod.inputs import InputSpec, as_format
-from cnnmod.modules import ModuleSet
 from cnnmod.paper.experiments import faulty_labels
-from cnnmod.repair import replace_from
+from cnnmod.workflows.repair import replace_from
 from fixtures.nets import DenseNet, parent_of
 
 

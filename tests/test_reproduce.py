@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cnnmod.outputs import OutputError
 from cnnmod.paper.profiles import QUICK, ModelSpec, Profile
 from cnnmod.paper.reproduce import (
     TABLES,
@@ -25,6 +24,7 @@ from cnnmod.paper.reproduce import (
     plan,
     reproduce,
 )
+from cnnmod.storage.outputs import OutputError
 
 CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 GORILLA, GROOM = "n02480855", "n10148035"

@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnmod.compose import ComposedClassifier, compose, removed, replace, reverified
-from cnnmod.decompose import channel_heads, decompose
+from cnnmod.engine.compose import ComposedClassifier, compose, removed, replace, reverified
+from cnnmod.engine.decompose import channel_heads, decompose
+from cnnmod.engine.inputs import InputSpec
+from cnnmod.engine.modules import ModuleSet, Parent
 from cnnmod.errors import CnnmodError
-from cnnmod.inputs import InputSpec
-from cnnmod.modules import ModuleSet, Parent
-from cnnmod.reuse import activity_on, forget, own_activity, recalibrate
-from cnnmod.store import load_composition, save_composition, save_store
+from cnnmod.storage.store import load_composition, save_composition, save_store
+from cnnmod.workflows.reuse import activity_on, forget, own_activity, recalibrate
 from fixtures.nets import DenseNet, RandomConvNet, grey_parent, parent_of, random_modules, set_weights
 
 

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-import cnnmod.store
-from cnnmod.activity import Activity
-from cnnmod.decompose import DecomposeConfig, decompose
+import cnnmod.storage.store
+from cnnmod.engine.activity import Activity
+from cnnmod.engine.decompose import DecomposeConfig, decompose
+from cnnmod.engine.modules import ModuleSet, Parent
 from cnnmod.errors import StoreError
-from cnnmod.modules import ModuleSet, Parent
-from cnnmod.outputs import OutputError
-from cnnmod.store import load_store, read_manifest, save_store, store_files
+from cnnmod.storage.outputs import OutputError
+from cnnmod.storage.store import load_store, read_manifest, save_store, store_files
 from fixtures.nets import RandomConvNet, parent_of
 
 PROVENANCE = {"model": "random.safetensors", "data": "noise", "seconds": 0.5}
@@ -266,7 +266,7 @@ def test_failed_overwrite_keeps_the_old_store(saved: Path, subset: tuple[ModuleS
     def disk_full(path: Path | str, text: str) -> str:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cnnmod.store, "atomic_write_text", disk_full)  # the manifest, written last
+    monkeypatch.setattr(cnnmod.storage.store, "atomic_write_text", disk_full)  # the manifest, written last
     with pytest.raises(OSError, match="No space left"):
         save_store(saved, *subset, overwrite=True)
     assert store_files(saved) == before
@@ -279,7 +279,7 @@ def test_failed_first_save_leaves_nothing(subset: tuple[ModuleSet, Activity], tm
     def broken(*args: object, **kwargs: object) -> str:
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr(cnnmod.store, "atomic_save_safetensors", broken)
+    monkeypatch.setattr(cnnmod.storage.store, "atomic_save_safetensors", broken)
     with pytest.raises(RuntimeError, match="interrupted"):
         save_store(tmp_path / "store", *subset)
     assert list(tmp_path.iterdir()) == []

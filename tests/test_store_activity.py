@@ -12,11 +12,11 @@ import torch
 from click.testing import CliRunner, Result
 from safetensors.torch import save_file
 
-from cnnmod.decompose import DecomposeConfig, decompose
-from cnnmod.fileio import sha256_file
-from cnnmod.inputs import InputSpec
-from cnnmod.modules import Parent
-from cnnmod.store import load_store, save_store
+from cnnmod.engine.decompose import DecomposeConfig, decompose
+from cnnmod.engine.inputs import InputSpec
+from cnnmod.engine.modules import Parent
+from cnnmod.storage.fileio import sha256_file
+from cnnmod.storage.store import load_store, save_store
 from fixtures.cli import assert_error
 from fixtures.nets import RandomConvNet
 

@@ -17,12 +17,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cnnmod.compose import compose
-from cnnmod.decompose import DecomposeConfig, decompose
+from cnnmod.engine.compose import compose
+from cnnmod.engine.decompose import DecomposeConfig, decompose
+from cnnmod.engine.inputs import InputSpec
+from cnnmod.engine.modules import Parent
 from cnnmod.errors import StoreError
-from cnnmod.inputs import InputSpec
-from cnnmod.modules import Parent
-from cnnmod.store import load_composition, load_store, save_composition, save_store
+from cnnmod.storage.store import load_composition, load_store, save_composition, save_store
 
 QUICK = 150
 LONG = int(os.environ.get("CNNMOD_FUZZ_EXAMPLES", "10000"))

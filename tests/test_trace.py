@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnmod.engine.modules import Parent
 from cnnmod.errors import CnnmodError, TraceError
-from cnnmod.modules import Parent
 from fixtures.nets import parent_of, plain_spec
 
 

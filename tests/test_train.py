@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from cnnmod.engine.inputs import InputSpec
 from cnnmod.errors import DataError, ModelError
-from cnnmod.inputs import InputSpec
-from cnnmod.train import augment_batch, crop_padding, stratified_split, train_model
+from cnnmod.workflows.train import augment_batch, crop_padding, stratified_split, train_model
 from cnnmod.zoo import create_model
 from fixtures.images import COLOUR_NAMES
 from fixtures.images import coloured_squares as square_images

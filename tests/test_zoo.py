@@ -12,8 +12,8 @@ import torch.fx
 from safetensors.torch import save_file
 from torch import nn
 
+from cnnmod.engine.inputs import InputSpec
 from cnnmod.errors import ModelError, StoreError
-from cnnmod.inputs import InputSpec
 from cnnmod.zoo import (
     arch_of,
     create_model,

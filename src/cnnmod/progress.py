@@ -43,7 +43,7 @@ def show_progress(progress: bool = True, stream: TextIO | None = None) -> bool:
 @contextmanager
 def compact_progress(total: int, desc: str, progress: bool = True) -> Iterator[Callable[[str, int, int, float], None]]:
     """A bar over the `total` images of a compact fine-tune (drawn where `show_progress` says), and the callback
-    that `cnnmod.compact.compact_decompose` reports to."""
+    that `cnnmod.engine.compact.compact_decompose` reports to."""
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, desc=desc, unit="img", leave=False, disable=not show_progress(progress))

@@ -17,10 +17,10 @@ import pytest
 from click.testing import Result
 
 from cnnmod.data import Dataset, load_dataset
-from cnnmod.decompose import DecomposeConfig, decompose
-from cnnmod.evaluate import Evaluation, evaluate
-from cnnmod.inputs import InputSpec
-from cnnmod.modules import Parent
+from cnnmod.engine.decompose import DecomposeConfig, decompose
+from cnnmod.engine.inputs import InputSpec
+from cnnmod.engine.modules import Parent
+from cnnmod.workflows.evaluate import Evaluation, evaluate
 from cnnmod.zoo import create_model, load_model_file, load_weights
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"

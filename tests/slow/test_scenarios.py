@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from cnnmod.data import Dataset, ImageSet, load_dataset
-from cnnmod.decompose import DecomposeConfig
-from cnnmod.inputs import InputSpec
-from cnnmod.modules import Parent
+from cnnmod.engine.decompose import DecomposeConfig
+from cnnmod.engine.inputs import InputSpec
+from cnnmod.engine.modules import Parent
 from cnnmod.paper.experiments import (
     Experiment,
     inter_replace,

@@ -15,7 +15,7 @@ from ..errors import CnnmodError
 from .interrupt import install as install_interrupt_handler
 
 if TYPE_CHECKING:
-    from ..energy import EnergyReport
+    from ..workflows.energy import EnergyReport
 
 EXIT_USER_ERROR = 1
 EXIT_USAGE = 2
@@ -26,7 +26,7 @@ _QUIET_HELP = ("No progress bars or progress messages on stderr (results, warnin
 
 
 SHARDED_COMMANDS = frozenset({"decompose", "evaluate"})
-"""The commands whose processes share the work under torchrun (they take a `cnnmod.distributed.Shard`)."""
+"""The commands whose processes share the work under torchrun (they take a `cnnmod.engine.distributed.Shard`)."""
 
 
 class _Command(click.Command):
@@ -36,7 +36,7 @@ class _Command(click.Command):
     def invoke(self, ctx: click.Context) -> Any:
         name = ctx.command_path.partition(" ")[2]
         if name not in SHARDED_COMMANDS:
-            from ..distributed import one_process_only
+            from ..engine.distributed import one_process_only
 
             try:
                 one_process_only(f"cnnmod {name}")

@@ -11,11 +11,12 @@ import click
 import numpy as np
 import torch
 
-from .. import models_in
 from ..data import Dataset, load_dataset
+from ..engine.inputs import MAX_CHANNELS, InputSpec
+from ..engine.modules import Parent
 from ..errors import ModelError
-from ..inputs import MAX_CHANNELS, InputSpec
-from ..models_in import (  # noqa: F401  (describe_spec: how commands print an input spec)
+from ..storage import models_in
+from ..storage.models_in import (  # noqa: F401  (describe_spec: how commands print an input spec)
     MAX_INPUT_SIDE,
     InputOptionError,
     ModelSource,
@@ -24,7 +25,6 @@ from ..models_in import (  # noqa: F401  (describe_spec: how commands print an i
     open_model,
     parse_input_size,
 )
-from ..modules import Parent
 from .params import POSITIVE, FiniteFloat, FloatList
 
 

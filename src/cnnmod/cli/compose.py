@@ -6,13 +6,13 @@ from pathlib import Path
 
 import click
 
-from ..compose import SCORINGS
-from ..compose import compose as run_compose
-from ..energy import EnergyMeter
+from ..engine.compose import SCORINGS
+from ..engine.compose import compose as run_compose
+from ..engine.modules import ModuleSet
 from ..errors import CnnmodError
-from ..modules import ModuleSet
-from ..outputs import check_output
-from ..store import load_store, save_composition
+from ..storage.outputs import check_output
+from ..storage.store import load_store, save_composition
+from ..workflows.energy import EnergyMeter
 from .app import cli, emit, json_option, reports_errors
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ..decompose import (
+from ..engine.decompose import (
     GRANULARITIES,
     VARIANTS,
     DecomposeConfig,
@@ -17,14 +17,14 @@ from ..decompose import (
     pass_classes,
     plan_for,
 )
-from ..distributed import Shard, joined, one_process_only
-from ..energy import EnergyMeter
-from ..evaluate import relabel
-from ..memory import MemoryEstimate, estimate_decomposition, refusal, room
-from ..modules import Parent
-from ..outputs import check_output
+from ..engine.distributed import Shard, joined, one_process_only
+from ..engine.memory import MemoryEstimate, estimate_decomposition, refusal, room
+from ..engine.modules import Parent
 from ..progress import is_quiet
-from ..store import save_store
+from ..storage.outputs import check_output
+from ..storage.store import save_store
+from ..workflows.energy import EnergyMeter
+from ..workflows.evaluate import relabel
 from .app import cli, device_option, emit, json_option, reports_errors, split_classes
 from .common import ModelSource, data_options, describe_spec, model_options, open_parent, warn_resized
 from .params import COUNT, NON_NEGATIVE, SEED, FiniteFloat
@@ -146,7 +146,7 @@ def _estimate(parent: Parent, labels: np.ndarray, config: DecomposeConfig, class
               as_json: bool) -> MemoryEstimate:
     """Say how much memory the decomposition will need (stderr, rank 0), and refuse it when it will not fit, naming
     the options that would make it fit."""
-    from ..decompose import CLASSES_PER_BACKTRACK
+    from ..engine.decompose import CLASSES_PER_BACKTRACK
 
     chosen = chosen_classes(parent, labels, classes)
 

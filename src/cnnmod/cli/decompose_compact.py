@@ -1,4 +1,4 @@
-"""`cnnmod decompose --method compact`: small modules, each its own network (cnnmod.compact)."""
+"""`cnnmod decompose --method compact`: small modules, each its own network (cnnmod.engine.compact)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from pathlib import Path
 import click
 from tqdm.auto import tqdm
 
-from ..compact import CompactConfig, compact_decompose, cost_record, module_set, training_epoch_estimate
-from ..energy import EnergyMeter
-from ..evaluate import relabel
-from ..modules import resolve_device
-from ..outputs import check_output
+from ..engine.compact import CompactConfig, compact_decompose, cost_record, module_set, training_epoch_estimate
+from ..engine.modules import resolve_device
 from ..progress import show_progress
-from ..store import save_store
+from ..storage.outputs import check_output
+from ..storage.store import save_store
+from ..workflows.energy import EnergyMeter
+from ..workflows.evaluate import relabel
 from .app import emit
 from .common import ModelSource, describe_spec, open_dataset, open_parent, warn_resized
 
@@ -62,7 +62,7 @@ def decompose_compact(model: ModelSource, data_path: Path, data_format: str | No
                   "cost": cost}
     save_store(out, modules, None, provenance, overwrite=overwrite)
     params = [p for p, _ in modules.compact.parameters_per_module(tuple(parent.model.input_shape))]
-    from ..channels import parent_cost
+    from ..engine.channels import parent_cost
 
     parent_params = parent_cost(parent.model)[0]
     kept = sum(params) / len(params) / parent_params

@@ -9,15 +9,15 @@ from pathlib import Path
 import click
 
 from ..data import load_dataset
-from ..decompose import DecomposeConfig
-from ..decompose import decompose as run_decompose
-from ..energy import EnergyMeter
-from ..evaluate import evaluate as run_evaluate
-from ..evaluate import overlap_matrix
-from ..modules import Parent
-from ..outputs import check_output, write_report_folder
+from ..engine.decompose import DecomposeConfig
+from ..engine.decompose import decompose as run_decompose
+from ..engine.modules import Parent
 from ..paper.report import REPORT_EXTRA, has_matplotlib, write_report
-from ..store import save_store
+from ..storage.outputs import check_output, write_report_folder
+from ..storage.store import save_store
+from ..workflows.energy import EnergyMeter
+from ..workflows.evaluate import evaluate as run_evaluate
+from ..workflows.evaluate import overlap_matrix
 from ..zoo import load_model_file
 from .app import cli, device_option, emit, json_option, reports_errors
 from .evaluate import format_evaluation, write_evaluation_report

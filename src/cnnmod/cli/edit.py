@@ -9,14 +9,14 @@ from typing import Any
 
 import click
 
-from ..calibrate import Calibration, calibrate, labelled_sample
-from ..compose import ComposedClassifier, removed, reverified
-from ..compose import replace as replace_module
-from ..energy import EnergyMeter, EnergyReport
+from ..engine.compose import ComposedClassifier, removed, reverified
+from ..engine.compose import replace as replace_module
 from ..errors import CnnmodError
-from ..evaluate import evaluate_composed
-from ..outputs import check_output
-from ..store import load_composition, load_store, save_composition
+from ..storage.outputs import check_output
+from ..storage.store import load_composition, load_store, save_composition
+from ..workflows.calibrate import Calibration, calibrate, labelled_sample
+from ..workflows.energy import EnergyMeter, EnergyReport
+from ..workflows.evaluate import evaluate_composed
 from .app import cli, device_option, emit, json_option, reports_errors, split_classes
 from .common import open_dataset
 from .params import COUNT, SEED
@@ -196,7 +196,7 @@ def repair_replace(composition: Path, pair: str, better: Path, out: Path, overwr
                    device: str | None, as_json: bool) -> None:
     """Option 1: replace both modules with a better parent's."""
     check_output(out, "composition", overwrite)
-    from ..repair import replace_from
+    from ..workflows.repair import replace_from
 
     labels = _pair(pair)
     with EnergyMeter() as meter:
@@ -225,9 +225,9 @@ def repair_retrain(composition: Path, pair: str, train_data: Path, arch: str, ep
                    as_json: bool) -> None:
     """Option 2: train a small model on the pair, decompose it, replace both modules with its modules."""
     check_output(out, "composition", overwrite)
-    from ..decompose import DecomposeConfig
-    from ..repair import pair_modules, replace_from, train_pair_model
-    from ..store import save_store
+    from ..engine.decompose import DecomposeConfig
+    from ..storage.store import save_store
+    from ..workflows.repair import pair_modules, replace_from, train_pair_model
 
     if pair_store is not None:
         check_output(pair_store, "store", overwrite)

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import click
 
-from ..compose import SCORINGS
-from ..distributed import joined
-from ..energy import EnergyMeter
+from ..engine.compose import SCORINGS
+from ..engine.distributed import joined
 from ..errors import CnnmodError
-from ..evaluate import Evaluation, overlap_matrix, relabel
-from ..evaluate import evaluate as run_evaluate
-from ..outputs import check_output, write_report_folder
-from ..store import load_store
+from ..storage.outputs import check_output, write_report_folder
+from ..storage.store import load_store
+from ..workflows.energy import EnergyMeter
+from ..workflows.evaluate import Evaluation, overlap_matrix, relabel
+from ..workflows.evaluate import evaluate as run_evaluate
 from .app import cli, device_option, emit, json_option, reports_errors, split_classes
 from .common import data_options, warn_resized
 from .params import COUNT

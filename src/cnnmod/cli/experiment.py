@@ -14,12 +14,12 @@ from typing import Any
 import click
 
 from ..data import Dataset
-from ..decompose import DecomposeConfig
+from ..engine.decompose import DecomposeConfig
+from ..engine.inputs import InputSpec
 from ..errors import CnnmodError
-from ..inputs import InputSpec
-from ..outputs import check_output, write_report_folder
 from ..paper.experiments import Experiment
 from ..paper.report import require_matplotlib
+from ..storage.outputs import check_output, write_report_folder
 from .app import cli, device_option, emit, json_option, reports_errors
 from .common import MODEL, ModelSource, open_dataset, open_parent
 from .params import COUNT, RATE, SEED, FiniteFloat
@@ -54,8 +54,8 @@ class ReportTarget:
 
 def _finish(result: Experiment, out: ReportTarget | None, energy_keys: dict[str, str], label_key: str,
             as_json: bool) -> None:
-    from ..fileio import atomic_write_text
     from ..paper.report import plot_energy
+    from ..storage.fileio import atomic_write_text
 
     payload: dict[str, Any] = result.to_json()
     if out is not None:
@@ -146,7 +146,7 @@ def intra_reuse(model: Path, arch: str, data_path: Path, pairs: str, method: str
                 device: str | None, as_json: bool) -> None:
     """Table 2: a parent's modules for a class pair, composed, vs the same architecture trained on the pair, in
     accuracy, energy, parameters and inference time."""
-    from ..compact import CompactConfig
+    from ..engine.compact import CompactConfig
     from ..paper.experiments import intra_reuse as run
 
     data = open_dataset(data_path, None, None, as_json)

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 
-from ..energy import EnergyMeter
-from ..export import EXPORT_FORMATS, export_classifier, require_onnx, select_labels
-from ..outputs import check_output
-from ..store import load_composition
+from ..storage.export import EXPORT_FORMATS, export_classifier, require_onnx, select_labels
+from ..storage.outputs import check_output
+from ..storage.store import load_composition
+from ..workflows.energy import EnergyMeter
 from .app import cli, emit, json_option, reports_errors, split_classes
 
 

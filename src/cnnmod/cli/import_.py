@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..outputs import check_output
+from ..storage.outputs import check_output
 from .app import cli, emit, json_option, reports_errors, split_classes
 from .common import ModelSource, describe_spec, model_options, open_dataset, open_parent
 
@@ -30,7 +30,7 @@ def import_model(model: ModelSource, classes: str | None, data_path: Path | None
     """Write MODEL as a parent file: its traced, BatchNorm-folded graph as data, its weights, class names and
     input spec. Every command that takes MODEL reads the file without the model's code and without unpickling.
     Without --classes or --data, outputs a file does not name are numbered 0, 1, ..."""
-    from ..parentfile import save_parent_file
+    from ..storage.parentfile import save_parent_file
 
     check_output(out, "parent", overwrite)
     if classes and data_path is not None:

@@ -35,8 +35,8 @@ def inspect(model: ModelSource | None, list_zoo: bool, as_json: bool) -> None:
 
 
 def _inspect_store(path: Path, as_json: bool) -> None:
-    from ..compactstore import module_sizes
-    from ..store import load_store, read_manifest
+    from ..storage.compactstore import module_sizes
+    from ..storage.store import load_store, read_manifest
 
     store = load_store(path, with_activity=False)
     m = store.modules

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from ..energy import EnergyMeter
-from ..export import image_files, input_format, predict_files
-from ..store import load_composition
+from ..storage.export import image_files, input_format, predict_files
+from ..storage.store import load_composition
+from ..workflows.energy import EnergyMeter
 from .app import cli, device_option, reports_errors
 from .params import COUNT
 

@@ -54,10 +54,10 @@ def reproduce(out: Path, profile_name: str, only: list[str] | None, cifar100: Pa
     (every number, keyed table1 ... table6, figure6). Finished parts are cached in OUT by a hash of their inputs,
     so running the same command again resumes an interrupted run and redoes only what changed. Needs matplotlib
     for the plots (pip install 'cnnmod[report]')."""
-    from ..energy import EnergyMeter
     from ..paper.report import require_matplotlib
     from ..paper.reproduce import Sources, open_reproduction
     from ..paper.reproduce import reproduce as run
+    from ..workflows.energy import EnergyMeter
 
     require_matplotlib("cnnmod reproduce")
     sources = Sources.default(shared, cifar100)

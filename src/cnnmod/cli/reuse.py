@@ -7,15 +7,15 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ..calibrate import labelled_sample
-from ..compose import compose
-from ..energy import EnergyMeter
+from ..engine.compose import compose
+from ..engine.inputs import as_format
+from ..engine.modules import ModuleSet
 from ..errors import CnnmodError
-from ..inputs import as_format
-from ..modules import ModuleSet
-from ..outputs import check_output
-from ..reuse import activity_on, forget, own_activity, recalibrate
-from ..store import load_store, require_activity, save_composition
+from ..storage.outputs import check_output
+from ..storage.store import load_store, require_activity, save_composition
+from ..workflows.calibrate import labelled_sample
+from ..workflows.energy import EnergyMeter
+from ..workflows.reuse import activity_on, forget, own_activity, recalibrate
 from .app import cli, device_option, emit, json_option, reports_errors
 from .common import open_dataset
 from .params import COUNT, SEED

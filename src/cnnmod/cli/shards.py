@@ -6,8 +6,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..data import Dataset, load_dataset
-from ..distributed import Shard
-from ..energy import EnergyReport
+from ..engine.distributed import Shard
+from ..workflows.energy import EnergyReport
 from .common import open_dataset
 
 

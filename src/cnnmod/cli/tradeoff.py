@@ -8,11 +8,11 @@ from typing import Any
 
 import click
 
-from ..decompose import GRANULARITIES
+from ..engine.decompose import GRANULARITIES
 from ..errors import CnnmodError
-from ..outputs import check_output, write_report_folder
 from ..paper.tradeoff import COMPACT_TRAIN_IMAGES, CompactPoints, sweep
-from ..store import require_activity
+from ..storage.outputs import check_output, write_report_folder
+from ..storage.store import require_activity
 from ..tables import markdown_table
 from .app import cli, device_option, emit, json_option, reports_errors
 from .common import data_options, open_dataset

@@ -7,11 +7,11 @@ from pathlib import Path
 import click
 import torch
 
-from ..energy import EnergyMeter
 from ..errors import CnnmodError
-from ..outputs import check_output
 from ..progress import is_quiet
-from ..train import train_model
+from ..storage.outputs import check_output
+from ..workflows.energy import EnergyMeter
+from ..workflows.train import train_model
 from ..zoo import create_model, model_info, save_model_file
 from .app import cli, device_option, emit, json_option, reports_errors, split_classes
 from .common import check_input, data_options, input_options, input_spec, open_dataset

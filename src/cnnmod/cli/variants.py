@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from ..decompose import DecomposeConfig
-from ..evaluate import relabel
+from ..engine.decompose import DecomposeConfig
 from ..paper.variants import compare_variants
+from ..workflows.evaluate import relabel
 from .app import cli, device_option, emit, json_option, reports_errors
 from .common import ModelSource, data_options, model_options, open_dataset, open_parent
 from .params import COUNT, NON_NEGATIVE, SEED

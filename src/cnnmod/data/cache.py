@@ -15,7 +15,7 @@ import numpy as np
 from cnnmod.data.files import iter_names
 from cnnmod.data.imageset import ImageSet
 from cnnmod.errors import CnnmodError, DataError
-from cnnmod.outputs import register_kind, write_file
+from cnnmod.storage.outputs import register_kind, write_file
 
 READER_VERSION = 1
 """Bump when a reader changes what it returns, so that older cache files are no longer used."""

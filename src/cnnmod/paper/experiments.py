@@ -18,22 +18,22 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..calibrate import calibrate, labelled_sample
-from ..channels import parent_cost
-from ..compact import CompactConfig, decompose_compact
-from ..compose import ComposedClassifier, compose, replace
 from ..data import Dataset, ImageSet
-from ..decompose import DecomposeConfig, decompose
-from ..energy import EnergyMeter, EnergyReport
-from ..engines import compact_parameters
-from ..evaluate import relabel
-from ..inputs import InputSpec, as_format
-from ..metrics import parameter_counts, topk_accuracy
-from ..modules import ModuleSet, Parent
+from ..engine.channels import parent_cost
+from ..engine.compact import CompactConfig, decompose_compact
+from ..engine.compose import ComposedClassifier, compose, replace
+from ..engine.decompose import DecomposeConfig, decompose
+from ..engine.engines import compact_parameters
+from ..engine.inputs import InputSpec, as_format
+from ..engine.modules import ModuleSet, Parent
 from ..progress import compact_progress, show_progress
-from ..reuse import activity_on, forget, own_activity, recalibrate
-from ..store import load_store, save_store
-from ..train import train_parent
+from ..storage.store import load_store, save_store
+from ..workflows.calibrate import calibrate, labelled_sample
+from ..workflows.energy import EnergyMeter, EnergyReport
+from ..workflows.evaluate import relabel
+from ..workflows.metrics import parameter_counts, topk_accuracy
+from ..workflows.reuse import activity_on, forget, own_activity, recalibrate
+from ..workflows.train import train_parent
 
 T = TypeVar("T")
 
@@ -115,7 +115,7 @@ def intra_reuse(parent: Parent, data: Dataset, pairs: Sequence[tuple[str, str]],
 
     Reuse is measured two ways: decomposing the pair's classes fresh and composing them, and composing them
     from a store of all the parent's modules decomposed once beforehand (what every later reuse costs). The
-    modules are the paper's masked ones, or compact ones (cnnmod.compact) with `compact`. Each pair's classifier
+    modules are the paper's masked ones, or compact ones (cnnmod.engine.compact) with `compact`. Each pair's classifier
     is also set against the parent and the scratch model in parameters and in inference time (the fastest of
     `repeats` runs over the pair's test images, `batch_size` images a batch). `pair_compact` configures the
     pairs' own compact decompositions (for example a prefix narrowed to the pair) where it differs from the
@@ -515,8 +515,8 @@ def repair_scenario(data: Dataset, pair: tuple[str, str], arch: str, epochs: int
                     device: torch.device | str | None = None, progress: bool = True) -> Experiment:
     """A parent trained with `noise` of `pair[1]`'s labels turned into `pair[0]`, composed from its modules, then
     each repair option; accuracy overall, on the pair, and how often `pair[1]` is called `pair[0]`."""
-    from ..compose import removed, reverified
-    from ..repair import pair_modules, replace_from, train_pair_model
+    from ..engine.compose import removed, reverified
+    from ..workflows.repair import pair_modules, replace_from, train_pair_model
 
     wrong, right = pair
     faulty, faulty_energy = train_scratch(arch, faulty_labels(data.train, right, wrong, noise, seed), spec,

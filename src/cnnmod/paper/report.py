@@ -4,7 +4,7 @@ module sizes, energy.
 Everything here takes lists or numpy arrays, never tensors, so reports can be rebuilt from saved JSON.
 Plots draw on a `matplotlib.figure.Figure` with the Agg canvas directly: no pyplot, no backend switch, no
 global figure state, so a caller that already uses pyplot interactively is left as it was. Accuracies come
-in as fractions in [0, 1] (what `cnnmod.metrics` returns) and are drawn as percentages.
+in as fractions in [0, 1] (what `cnnmod.workflows.metrics` returns) and are drawn as percentages.
 
 matplotlib is an optional extra (`pip install 'cnnmod[report]'`): it is imported when a plot is drawn, and a
 missing one is a one-line CnnmodError. Markdown needs nothing beyond numpy.
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cnnmod.errors import CnnmodError, StoreError
-from cnnmod.fileio import atomic_write_bytes
+from cnnmod.storage.fileio import atomic_write_bytes
 from cnnmod.tables import markdown_table
 
 if TYPE_CHECKING:

@@ -33,7 +33,7 @@ import click
 import numpy as np
 
 from ..errors import CnnmodError
-from ..outputs import (
+from ..storage.outputs import (
     OutputError,
     check_output,
     folder_with_format,
@@ -47,8 +47,8 @@ from .published import load_paper
 
 if TYPE_CHECKING:
     from ..data import Dataset, ImageSet
-    from ..decompose import DecomposeConfig
-    from ..modules import Parent
+    from ..engine.decompose import DecomposeConfig
+    from ..engine.modules import Parent
 
 __all__ = ["TABLES", "Outcome", "Sources", "compact_status", "open_reproduction", "plan", "reproduce",
            "write_outputs"]
@@ -133,7 +133,7 @@ def open_reproduction(out: Path, overwrite: bool) -> bool:
 
     A reproduction folder is resumed (no --overwrite needed); with `overwrite` it is replaced by an empty one.
     Anything else at OUT is refused by the output policy."""
-    from ..fileio import atomic_write_text
+    from ..storage.fileio import atomic_write_text
 
     out = Path(out)
     recover_interrupted(out)
@@ -149,7 +149,7 @@ def open_reproduction(out: Path, overwrite: bool) -> bool:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    from ..fileio import atomic_write_text
+    from ..storage.fileio import atomic_write_text
 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(value, indent=1, allow_nan=False, default=_plain) + "\n")
@@ -256,7 +256,7 @@ class Workspace:
     def _resized(self, data: ImageSet) -> ImageSet:
         """Tiny-ImageNet's 64x64 images at the profile's side, once (rather than in every forward pass)."""
         from ..data import ImageSet
-        from ..inputs import InputSpec, as_format
+        from ..engine.inputs import InputSpec, as_format
 
         spec = InputSpec.default((self.profile.imagenet_size,) * 2, 3)
         parts = [as_format(data.images[i:i + 2048], spec) for i in range(0, len(data.images), 2048)]
@@ -264,7 +264,7 @@ class Workspace:
         return ImageSet(images, data.labels, data.classes)
 
     def config(self) -> DecomposeConfig:
-        from ..decompose import DecomposeConfig
+        from ..engine.decompose import DecomposeConfig
 
         return DecomposeConfig(samples_per_class=self.profile.samples_per_class, seed=self.seed)
 
@@ -274,8 +274,8 @@ class Workspace:
         """The parent of model `key`: pretrained weights loaded, or trained here (once: cached under models/)."""
         if key in self._parents:
             return self._parents[key]
-        from ..inputs import InputSpec
-        from ..modules import Parent
+        from ..engine.inputs import InputSpec
+        from ..engine.modules import Parent
         from ..zoo import create_model, load_model_file, load_weights
 
         spec = self.profile.model(key)
@@ -312,10 +312,10 @@ class Workspace:
         return self.folder / "models" / f"{spec.key}-{key[:16]}.safetensors"
 
     def _trained(self, spec: ModelSpec, data: Dataset) -> Parent:
-        from ..energy import EnergyMeter
-        from ..inputs import InputSpec
-        from ..modules import Parent
-        from ..train import train_model
+        from ..engine.inputs import InputSpec
+        from ..engine.modules import Parent
+        from ..workflows.energy import EnergyMeter
+        from ..workflows.train import train_model
         from ..zoo import create_model, load_model_file, read_model_file_info, save_model_file
 
         path = self.model_path(spec)
@@ -531,8 +531,8 @@ def table1_row(ws: Workspace, key: str) -> dict[str, Any]:
 def _compact_table1(ws: Workspace, key: str, parent: Parent, data: Dataset, test: ImageSet) -> dict[str, Any]:
     """Size and accuracy of compact modules (`--method compact`) of one Table 1 parent, with the profile's
     fine-tune budget."""
-    from ..compact import CompactConfig, decompose_compact
-    from ..evaluate import evaluate, relabel
+    from ..engine.compact import CompactConfig, decompose_compact
+    from ..workflows.evaluate import evaluate, relabel
     from .experiments import parent_labels
 
     config = CompactConfig(train_images=ws.profile.compact_train_images, seed=ws.config().seed)
@@ -549,9 +549,9 @@ def _compact_table1(ws: Workspace, key: str, parent: Parent, data: Dataset, test
 
 def table1_detail(ws: Workspace, key: str) -> dict[str, Any]:
     """The plots' numbers for one model's default modules: per-class recall, overlap, sizes, the trade-off."""
-    from ..decompose import decompose
-    from ..evaluate import evaluate, overlap_matrix, relabel
-    from ..store import save_store
+    from ..engine.decompose import decompose
+    from ..storage.store import save_store
+    from ..workflows.evaluate import evaluate, overlap_matrix, relabel
     from .experiments import parent_labels
     from .tradeoff import sweep
 
@@ -579,7 +579,7 @@ def table1_detail(ws: Workspace, key: str) -> dict[str, Any]:
 def table2(ws: Workspace, dataset: str) -> dict[str, Any]:
     """Intra-dataset reuse: all pairs of four random classes, modules composed vs a model trained on the pair;
     each pair also as compact modules."""
-    from ..compact import CompactConfig
+    from ..engine.compact import CompactConfig
     from .experiments import intra_reuse
 
     key = ws.profile.reuse_parent(dataset)
@@ -647,7 +647,7 @@ def table5(ws: Workspace, other: str) -> dict[str, Any]:
 
 def table6(ws: Workspace) -> dict[str, Any]:
     """Repair (Figure 1): a parent that calls grooms gorillas, and the four repair options."""
-    from ..inputs import InputSpec
+    from ..engine.inputs import InputSpec
     from .experiments import repair_scenario
 
     data = ws.dataset("imagenet200")
@@ -769,8 +769,8 @@ def reproduce(out: Path, profile: Profile, sources: Sources, only: Sequence[str]
               device: str | None = None, seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Run (or load from OUT's cache) every part of the evaluation that `only` selects; write results.json and
     report.html into OUT (opened with `open_reproduction`), and return the results."""
-    from ..energy import EnergyMeter
     from ..progress import is_quiet, show_progress
+    from ..workflows.energy import EnergyMeter
 
     folder = Path(out)
     wanted = selected_tables(only)
@@ -852,7 +852,7 @@ def _part_json(outcome: Outcome) -> dict[str, Any]:
 
 
 def _energy_sum(reports: list[dict[str, Any]]) -> dict[str, Any] | None:
-    from ..energy import EnergyReport
+    from ..workflows.energy import EnergyReport
 
     if not reports:
         return None
@@ -926,7 +926,7 @@ def figure6(results: dict[str, Any], paper: dict[str, Any], compact: dict[str, s
 def write_outputs(folder: Path, results: dict[str, Any]) -> None:
     """results.json, the self-contained report.html and its tables as report.md, each written atomically into the
     reproduction folder."""
-    from ..fileio import atomic_write_text
+    from ..storage.fileio import atomic_write_text
     from .html import render_report
     from .markdown import report_markdown
 

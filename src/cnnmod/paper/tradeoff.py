@@ -12,16 +12,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..channels import channel_plan
-from ..compact import CompactConfig, decompose_compact
 from ..data import ImageSet
-from ..decompose import DecomposeConfig, derive_modules
+from ..engine.channels import channel_plan
+from ..engine.compact import CompactConfig, decompose_compact
+from ..engine.decompose import DecomposeConfig, derive_modules
+from ..engine.modules import Parent, score_from_logits
 from ..errors import CnnmodError
-from ..evaluate import evaluate, relabel
-from ..metrics import parameter_counts, topk_accuracy
-from ..modules import Parent, score_from_logits
 from ..progress import compact_progress, show_progress
-from ..store import load_store
+from ..storage.store import load_store
+from ..workflows.evaluate import evaluate, relabel
+from ..workflows.metrics import parameter_counts, topk_accuracy
 
 COMPACT_TRAIN_IMAGES = 20_000
 """The fine-tune budget of each compact point unless told otherwise (`cnnmod decompose` uses 300,000)."""

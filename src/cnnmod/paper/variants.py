@@ -10,12 +10,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..compose import SCORINGS
-from ..decompose import VARIANTS, DecomposeConfig, derive_modules, observe
-from ..metrics import topk_accuracy
-from ..modules import ModuleSet, Parent, score_from_logits
+from ..engine.compose import SCORINGS
+from ..engine.decompose import VARIANTS, DecomposeConfig, derive_modules, observe
+from ..engine.modules import ModuleSet, Parent, score_from_logits
+from ..engine.trace import SITE_KINDS
 from ..progress import show_progress
-from ..trace import SITE_KINDS
+from ..workflows.metrics import topk_accuracy
 
 
 def compare_variants(

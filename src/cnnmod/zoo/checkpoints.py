@@ -20,9 +20,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from cnnmod.engine.inputs import InputSpec
 from cnnmod.errors import ModelError, StoreError
-from cnnmod.inputs import InputSpec
-from cnnmod.outputs import register_kind, safetensors_with_metadata, write_file
+from cnnmod.storage.outputs import register_kind, safetensors_with_metadata, write_file
 from cnnmod.zoo.registry import arch_of, create_model
 
 MODEL_FILE_FORMAT = "cnnmod-model"

@@ -1,0 +1,713 @@
+"""Compact decomposition: per-class modules that keep a small part of the parent's channels (`--method compact`).
+
+For every class c:
+
+1. **Importance** (one pass over a few images per class): the Taylor importance of each channel for module c is
+   `|sum over positions of a * d(margin_c)/da|`, averaged over the images, where `margin_c = z_c - logsumexp` of
+   the other logits, summed over the nodes of the channel's space (engine/channels.py: a residual stage is one space).
+2. **Keep sets**: in every space, module c keeps the channels most important to it; the count per space is the
+   same for every module (a per-space fraction), so all modules of a parent have the same shapes.
+3. **Materialise** each module (sliced convolutions and biases, the channeled head) and **fine-tune all modules
+   together** (300,000 augmented training images by default), by distillation from the parent and the labels,
+   with the composed vote in the loss: the ten margins `z_c - z_uc` are the logits of one softmax, pulled
+   towards the parent's softmax (temperature T) and the label; each module's own sigmoid is pulled towards the
+   parent's probability of its class, so that a module means something alone and in any subset. Modules of equal
+   widths train as one stacked network of grouped convolutions (`cnnmod.engine.channels.stack`), channels-last, and
+   their weights are copied back into each module's own network (`load_stacked`).
+
+Everything is seeded: the same parent, data and seed give the same modules. The parent is never changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import CnnmodError
+from .channels import (
+    ChannelPlan,
+    WeightLayer,
+    channel_plan,
+    head_parameters,
+    layer_at,
+    layer_bias,
+    load_stacked,
+    materialize,
+    same_widths,
+    stack,
+)
+from .decompose import channel_heads
+from .inputs import batch_slices
+from .modules import ModuleSet, Parent
+from .trace import with_taps
+
+
+@dataclass(frozen=True)
+class CompactConfig:
+    """Every parameter of a compact decomposition."""
+
+    stream_keep: float = 0.25
+    """Fraction of the channels of each residual stream (spaces that an Add ties) that a module keeps."""
+    inner_keep: float = 0.24
+    """Fraction of the channels of every other space (inside residual blocks, hidden dense layers)."""
+    importance_per_class: int = 32
+    """Images per class for the importance pass."""
+    train_images: int = 300_000
+    """Training images seen by the fine-tune (all modules see the same images)."""
+    batch_size: int = 64
+    lr: float = 0.05
+    temperature: float = 4.0
+    label_weight: float = 0.25
+    """Weight of the label cross-entropy in the vote loss (the rest is distillation from the parent)."""
+    binary_weight: float = 0.05
+    """Weight of each module's own binary loss (its sigmoid against the parent's probability of its class)."""
+    weight_decay: float = 5e-4
+    clip: float = 5.0
+    """Gradient-norm clipping of the fine-tune."""
+    recalibrate_images: int = 256
+    """Images (spread over the classes) for re-estimating statistics and refitting heads; 0 skips it."""
+    augment: bool = True
+    prefix_keep: float = 1.0
+    """Fraction of the channels of every shared-prefix space a module keeps (0: the stream/inner fractions)."""
+    freeze_prefix: bool = True
+    """Keep the shared prefix's weights as they are (the parent's, sliced) instead of fine-tuning them. With
+    `prefix_keep` 1 the prefix is the parent's own first layers, and the parent's pass that gives the teacher's
+    logits gives the modules' prefix output too."""
+    shared_prefix: float = 0.68
+    """Share the first layers among all modules, up to the cut point after at most this fraction of the parent's
+    multiply-accumulates: the same kept channels (chosen for all classes) and the same fine-tuned weights, so an
+    engine runs them once. 0: every layer is the module's own."""
+    batching: str = "grouped"
+    """How the fine-tune runs the modules' own layers: "grouped" (all modules as one stacked network of grouped
+    convolutions, channels-last) or "each" (one network after another). Both train the same weights up to float
+    rounding; modules of unequal widths always run "each"."""
+    hint_weight: float = 0.0
+    """Weight of the feature hint: the mean squared distance between a trained prefix's output and the parent's
+    kept channels at the cut (with a frozen full-width prefix the two are equal and the hint is not computed)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.prefix_keep <= 1 or not 0 <= self.shared_prefix <= 1:
+            raise CnnmodError("prefix keep and shared prefix must be in [0, 1]")
+        for name in ("stream_keep", "inner_keep"):
+            v = getattr(self, name)
+            if not 0 < v <= 1:
+                raise CnnmodError(f"{name.replace('_', ' ')} must be in (0, 1], got {v}")
+        if self.batching not in ("grouped", "each"):
+            raise CnnmodError(f"batching must be grouped or each, got {self.batching!r}")
+        if self.importance_per_class < 1 or self.batch_size < 2 or self.train_images < 0:
+            raise CnnmodError("importance images must be >= 1, batch size >= 2 and training images >= 0")
+        if not (self.lr >= 0 and self.temperature > 0 and 0 <= self.label_weight <= 1 and self.binary_weight >= 0
+                and self.weight_decay >= 0 and self.hint_weight >= 0):
+            raise CnnmodError("lr, weight decay, binary weight and hint weight must be >= 0, temperature > 0, "
+                              "label weight in [0, 1]")
+
+    def with_prefix_keep(self, keep: float) -> CompactConfig:
+        """This configuration with the shared prefix narrowed to `keep` of its channels (1: the parent's own
+        layers, frozen). A narrowed prefix is chosen for the decomposed classes alone and fine-tuned with them, at
+        the gentler rate and longer budget of NARROW_PREFIX: the parent's features are no longer there to freeze.
+        For a few classes (a reused pair) this is what makes the classifier a fraction of the parent."""
+        if keep >= 1:
+            return replace(self, prefix_keep=1.0, freeze_prefix=True)
+        return replace(self, prefix_keep=keep, **NARROW_PREFIX)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> CompactConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+NARROW_PREFIX: dict[str, Any] = {"freeze_prefix": False, "lr": 0.004, "train_images": 100_000, "hint_weight": 5.0}
+"""What a narrowed, trained prefix changes (`CompactConfig.with_prefix_keep`). Measured on the shared ResNet-20
+with 30% of the prefix, 50,000 images: cat/dog at lr 0.02 / 0.01 / 0.004 gave pair accuracy 0.776 / 0.772 /
+0.788; automobile/truck at lr 0.004 gave 0.881 without the feature hint, 0.896 / 0.901 / 0.896 with hint weight
+1 / 5 / 20. At 100,000 images the three pairs of Table 2 gained 2.1 points on average (0.8425 to 0.8635), still
+for less energy than training the pair model from scratch (docs/RESULTS.md)."""
+
+
+@dataclass(frozen=True)
+class CompactCost:
+    """What a compact decomposition cost: images seen (each image counted once per pass that saw it)."""
+
+    importance_images: int
+    train_images: int
+    seconds: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. importance
+
+
+class _Keep(nn.Module):
+    """Records its input and keeps its gradient."""
+
+    def __init__(self, store: dict[str, torch.Tensor], name: str) -> None:
+        super().__init__()
+        self.store = store
+        self.name = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad:
+            x.retain_grad()
+        self.store[self.name] = x
+        return x
+
+
+def _sample(labels: np.ndarray, classes: Sequence[int], per_class: int, rng: np.random.Generator) -> np.ndarray:
+    picks = []
+    for c in classes:
+        idx = np.flatnonzero(labels == c)
+        if len(idx) == 0:
+            raise CnnmodError(f"the data holds no samples of class index {c}")
+        picks.append(rng.choice(idx, size=min(per_class, len(idx)), replace=False))
+    return np.sort(np.concatenate(picks))
+
+
+def class_importance(parent: Parent, plan: ChannelPlan, images: np.ndarray, classes: Sequence[int],
+                     batch_size: int = 64) -> dict[int, torch.Tensor]:
+    """Per prunable space, (len(classes), size) Taylor importance of each channel for each class's margin."""
+    model = parent.model
+    sites = [s for s in model.site_list("relu") if plan.space_of.get(s.name) in set(plan.prunable)]
+    if not sites:
+        raise CnnmodError("the parent has no ReLU inside a prunable channel space")
+    store: dict[str, torch.Tensor] = {}
+    net = with_taps(model.graph, {s.name: _Keep(store, s.name) for s in sites}).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    idx = torch.tensor(list(classes), dtype=torch.long)
+    out = {s: torch.zeros(len(classes), plan.spaces[s].size, dtype=torch.float64) for s in plan.prunable}
+    for part in batch_slices(len(images), batch_size):
+        x = parent.input_spec.prepare(images[part]).requires_grad_(True)
+        logits = net(x)
+        for row, c in enumerate(idx.tolist()):
+            others = torch.cat([logits[:, :c], logits[:, c + 1:]], 1)
+            margin = logits[:, c] - torch.logsumexp(others, 1)
+            acts = [store[s.name] for s in sites]
+            grads = torch.autograd.grad(margin.sum(), acts, retain_graph=row < len(idx) - 1)
+            for site, a, g in zip(sites, acts, grads, strict=True):
+                product = a.detach() * g
+                score = product.flatten(2).sum(2).abs().sum(0) if a.dim() > 2 else product.abs().sum(0)
+                out[plan.space_of[site.name]][row] += score.double()
+    return {s: (v / max(len(images), 1)).float() for s, v in out.items()}
+
+
+def stream_spaces(plan: ChannelPlan) -> set[int]:
+    """Spaces that an Add (or another elementwise binary op) ties: the residual streams."""
+    counts: dict[int, int] = {}
+    for layer in plan.layers:
+        if layer.out_space is not None:
+            counts[layer.out_space] = counts.get(layer.out_space, 0) + 1
+    return {s for s, n in counts.items() if n > 1}
+
+
+def choose_cut(parent: Parent, fraction: float) -> str | None:
+    """The last cut point (a ReLU output everything flows through) after at most `fraction` of the MACs."""
+    if fraction <= 0:
+        return None
+    from .channels import cut_points
+
+    relus = {s.name for s in parent.model.site_list("relu")}
+    fits = [name for name, f in cut_points(parent.model.graph, parent.model.input_shape)
+            if f <= fraction + 1e-9 and name in relus]
+    return fits[-1] if fits else None
+
+
+def prefix_spaces(parent: Parent, plan: ChannelPlan, cut: str | None) -> set[int]:
+    """Spaces that hold a node at or before the cut: their channels are the same for every module."""
+    if cut is None:
+        return set()
+    order = [n.name for n in parent.model.graph.graph.nodes]
+    before = set(order[:order.index(cut) + 1])
+    return {plan.space_of[n] for n in before if n in plan.space_of}
+
+
+def prefix_layers(parent: Parent, plan: ChannelPlan, cut: str | None) -> list[str]:
+    """The layers (graph node names) at or before the cut."""
+    if cut is None:
+        return []
+    order = [n.name for n in parent.model.graph.graph.nodes]
+    before = set(order[:order.index(cut) + 1])
+    return [layer.node for layer in plan.layers if layer.node in before]
+
+
+def choose_keeps(importance: dict[int, torch.Tensor], plan: ChannelPlan, config: CompactConfig,
+                 common: set[int] | None = None) -> list[dict[int, torch.Tensor]]:
+    """Each module's keep set per prunable space: its most important channels, the same count for every module;
+    in `common` spaces the channels most important to all classes together, the same for every module."""
+    streams = stream_spaces(plan)
+    rows = next(iter(importance.values())).shape[0]
+    keeps: list[dict[int, torch.Tensor]] = [{} for _ in range(rows)]
+    for s, imp in importance.items():
+        frac = config.stream_keep if s in streams else config.inner_keep
+        if common and s in common and config.prefix_keep > 0:
+            frac = config.prefix_keep
+        k = max(1, min(plan.spaces[s].size, round(frac * plan.spaces[s].size)))
+        if common and s in common:
+            imp = imp.mean(0, keepdim=True).expand(rows, -1)
+        top = imp.topk(k, dim=1).indices.sort(dim=1).values
+        for r in range(rows):
+            keeps[r][s] = top[r].clone()
+    return keeps
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2b. re-estimated statistics and refitted heads
+
+
+class _Record(nn.Module):
+    def __init__(self, store: dict[str, torch.Tensor], name: str) -> None:
+        super().__init__()
+        self.store, self.name = store, name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.store[self.name] = x
+        return x
+
+
+def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    flat = x.transpose(0, 1).flatten(1)
+    return flat.mean(1), flat.std(1)
+
+
+@torch.no_grad()
+def recalibrate(parent: Parent, plan: ChannelPlan, keeps: Sequence[dict[int, torch.Tensor]],
+                nets: Sequence[fx.GraphModule], x: torch.Tensor, teacher: torch.Tensor, ridge: float = 1e-3,
+                skip: frozenset[str] = frozenset()) -> None:
+    """Re-estimate statistics and refit heads, in place, on one batch `x` (normalised) with the parent's logits
+    `teacher` (B, M) for the modules' classes.
+
+    Every layer's kept output channels get the parent's per-channel mean and spread on `x` (a scale and shift
+    folded into the layer's weights and bias, layer by layer in graph order, so each layer sees its corrected
+    inputs); then each 2-output head is refitted by ridge regression to the parent's (z_c, mean of the others).
+    Layers named in `skip` are left as they are.
+    """
+    store: dict[str, torch.Tensor] = {}
+    names = [layer.node for layer in plan.layers]
+    tapped = with_taps(parent.model.graph, {n: _Record(store, n) for n in names})
+    tapped(x)
+    reference = {n: _channel_stats(store[n]) for n in names}
+    targets = torch.stack([teacher, (teacher.sum(1, keepdim=True) - teacher) / max(teacher.shape[1] - 1, 1)], 2)
+    for i, (net, keep) in enumerate(zip(nets, keeps, strict=True)):
+        handles = []
+        for layer in plan.layers:
+            if layer.node in skip:
+                continue
+            module = layer_at(net, layer.target)
+            rows = keep[layer.out_space] if layer.out_space in keep else None
+            mean_p, std_p = reference[layer.node]
+            if rows is not None:
+                mean_p, std_p = mean_p[rows], std_p[rows]
+
+            def hook(mod: WeightLayer, args: object, out: torch.Tensor, mean_p: torch.Tensor = mean_p,
+                     std_p: torch.Tensor = std_p) -> torch.Tensor:
+                mean_m, std_m = _channel_stats(out)
+                scale = (std_p / std_m.clamp(min=1e-6)).clamp(0.2, 5.0)
+                shift = mean_p - scale * mean_m
+                shape = (-1, *([1] * (mod.weight.dim() - 1)))
+                mod.weight.mul_(scale.view(shape))
+                bias = layer_bias(mod)
+                if bias is not None:
+                    bias.mul_(scale).add_(shift)
+                view = (1, -1, *([1] * (out.dim() - 2)))
+                return out * scale.view(view) + shift.view(view)
+
+            handles.append(module.register_forward_hook(hook))
+        head = net.get_submodule(plan.head.target)
+        feats: dict[str, torch.Tensor] = {}
+        handles.append(head.register_forward_pre_hook(lambda mod, args: feats.__setitem__("f", args[0])))  # noqa: B023
+        try:
+            net(x)
+        finally:
+            for h in handles:
+                h.remove()
+        f = feats["f"].flatten(1)
+        design = torch.cat([f, torch.ones(len(f), 1)], 1).double()
+        gram = design.T @ design + ridge * len(f) * torch.eye(design.shape[1], dtype=torch.float64)
+        solution = torch.linalg.solve(gram, design.T @ targets[:, i].double())  # (F + 1, 2)
+        head_weight, head_bias = head_parameters(net, plan)
+        head_weight.copy_(solution[:-1].T.float())
+        head_bias.copy_(solution[-1].float())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3a. BatchNorm for the fine-tune: the parent's BatchNorm is folded, and a folded network fine-tunes poorly with
+#     SGD, so every convolution gets a BatchNorm again for the fine-tune (starting as the identity on the
+#     calibration batch), folded back at the end: the module stays a plain network of sliced layers.
+
+
+def insert_batchnorm(net: fx.GraphModule, plan: ChannelPlan, x: torch.Tensor,
+                     skip: frozenset[str] = frozenset()) -> None:
+    """After every convolution of `net` (but those in `skip`), a BatchNorm whose batch statistics on `x` make it
+    the identity."""
+    nodes = {n.name: n for n in net.graph.nodes}
+    store: dict[str, torch.Tensor] = {}
+    convs = [layer for layer in plan.layers
+             if isinstance(net.get_submodule(layer.target), nn.modules.conv._ConvNd) and layer.node not in skip]
+    handles = [net.get_submodule(layer.target).register_forward_hook(
+        lambda mod, args, out, name=layer.node: store.__setitem__(name, out.detach())) for layer in convs]
+    try:
+        with torch.no_grad():
+            net(x)
+    finally:
+        for h in handles:
+            h.remove()
+    for layer in convs:
+        out = store[layer.node]
+        mean, std = _channel_stats(out)
+        dims = out.dim() - 2
+        bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims](out.shape[1])
+        with torch.no_grad():
+            var = std.square()
+            # a new BatchNorm tracks running statistics (the default), so it has them
+            assert bn.running_mean is not None and bn.running_var is not None
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+            bn.weight.copy_((var + bn.eps).sqrt())
+            bn.bias.copy_(mean)
+        name = f"cnnmod_bn_{layer.node}"
+        net.add_submodule(name, bn)
+        node = nodes[layer.node]
+        with net.graph.inserting_after(node):
+            new = net.graph.call_module(name, (node,))
+        node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
+    net.graph.lint()
+    net.recompile()
+
+
+def fold_inserted_batchnorm(net: fx.GraphModule) -> None:
+    """Fold the BatchNorms of `insert_batchnorm` (eval mode, running statistics) back into their convolutions."""
+    from .trace import fold_batchnorm
+
+    net.eval()
+    fold_batchnorm(net)
+    net.recompile()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. fine-tune
+
+
+def vote_loss(margins: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, config: CompactConfig
+              ) -> torch.Tensor:
+    """The composed vote's loss: margins (B, M) as one softmax against labels and the parent's logits (B, M),
+    plus each module's binary loss against the parent's probability of its class."""
+    t = config.temperature
+    distil = F.kl_div(F.log_softmax(margins / t, 1), F.log_softmax(teacher / t, 1), log_target=True,
+                      reduction="batchmean") * t * t
+    loss = config.label_weight * F.cross_entropy(margins, labels) + (1 - config.label_weight) * distil
+    if config.binary_weight > 0:
+        target = teacher.softmax(1)
+        loss = loss + config.binary_weight * F.binary_cross_entropy_with_logits(margins, target) * margins.shape[1]
+    return loss
+
+
+def fine_tune(parent: Parent, nets: list[fx.GraphModule], images: np.ndarray, labels: np.ndarray,
+              classes: Sequence[int], config: CompactConfig,
+              progress: Callable[[int, int, float], None] | None = None, cut: str | None = None,
+              frozen: bool = False, parent_prefix: bool = False, hint: torch.Tensor | None = None) -> int:
+    """Fine-tune the module networks together (in place) on `config.train_images` images; returns images seen.
+    A network may also be M stacked modules, (B, ...) -> (B, M, 2). With a `cut`, the layers before it are one
+    copy shared by all modules (the first network's), run once;
+    `hint` (the parent's channels that the prefix keeps at the cut) adds the feature hint."""
+    n = config.train_images
+    if n == 0 or config.lr == 0:
+        return 0
+    if cut is not None:
+        from .channels import split_at
+
+        trunk = split_at(nets[0], cut)[0]
+        tails = [split_at(net, cut)[1] for net in nets]
+        teacher = split_at(teacher_graph(parent), cut) if parent_prefix or hint is not None else None
+        try:
+            return _fine_tune(parent, trunk, tails, images, labels, classes, config, progress, frozen, teacher,
+                              None if parent_prefix else hint)
+        finally:
+            share_prefix(nets, trunk)
+    return _fine_tune(parent, nn.Identity(), nets, images, labels, classes, config, progress)
+
+
+@torch.no_grad()
+def share_prefix(nets: Sequence[fx.GraphModule], trunk: fx.GraphModule) -> None:
+    """Copy the trunk's layers (the shared prefix) into every module's network."""
+    state = trunk.state_dict()
+    for net in nets:
+        own = net.state_dict()
+        for key, value in state.items():
+            own[key].copy_(value)
+
+
+def _fine_tune(parent: Parent, trunk: nn.Module, nets: Sequence[nn.Module], images: np.ndarray,
+               labels: np.ndarray, classes: Sequence[int], config: CompactConfig,
+               progress: Callable[[int, int, float], None] | None, frozen: bool = False,
+               teacher_split: tuple[nn.Module, nn.Module] | None = None, hint: torch.Tensor | None = None) -> int:
+    """The fine-tune loop; `frozen`: the trunk is not trained; `teacher_split`: the parent cut where the trunk
+    ends, whose first part is the trunk itself (then one pass gives both the teacher and the trunk's output)
+    unless `hint` is given: then the trunk is narrower, and its output is pulled towards these channels of the
+    parent's."""
+    n = config.train_images
+    rng = np.random.default_rng(config.seed + 1)
+    order = np.concatenate([rng.permutation(len(images)) for _ in range(math.ceil(n / len(images)))])[:n]
+    generator = torch.Generator().manual_seed(config.seed + 2)
+    params = [*([] if frozen else trunk.parameters()), *(p for net in nets for p in net.parameters())]
+    for net in (trunk, *nets):
+        net.train()
+        net.to(memory_format=_layout(parent))  # type: ignore[call-overload]
+    if frozen:
+        trunk.eval()
+    opt = torch.optim.SGD(params, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
+    steps = math.ceil(n / config.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    teacher_net = teacher_graph(parent) if teacher_split is None else None
+    columns = torch.tensor(list(classes), dtype=torch.long)
+    position = torch.full((parent.num_classes,), -1, dtype=torch.long)
+    position[columns] = torch.arange(len(columns))
+    seen = 0
+    from ..workflows.train import augment_batch, crop_padding  # training helpers; imported here to keep import light
+
+    pad = crop_padding(*parent.input_spec.size, parent.input_spec.channels)
+    for step in range(steps):
+        batch = order[step * config.batch_size:(step + 1) * config.batch_size]
+        if len(batch) < 2:
+            break
+        x = torch.from_numpy(np.ascontiguousarray(images[batch])).permute(0, 3, 1, 2).float().div_(255.0)
+        if config.augment:
+            x = augment_batch(x, pad, generator)
+        x = parent.input_spec.prepare(x).contiguous(memory_format=_layout(parent))
+        with torch.no_grad():
+            if teacher_split is not None:
+                h = teacher_split[0](x)
+                teacher = teacher_split[1](h)[:, columns]
+                if hint is not None:
+                    target = h[:, hint]
+                    if frozen:
+                        h = trunk(x)
+            else:
+                assert teacher_net is not None
+                teacher = teacher_net(x)[:, columns]
+                if frozen:
+                    h = trunk(x)
+        y = position[torch.as_tensor(labels[batch], dtype=torch.long)]
+        if not frozen:
+            h = trunk(x)
+        outs = torch.cat([out.reshape(len(out), -1, 2) for out in (net(h) for net in nets)], 1)  # (B, M, 2)
+        margins = outs[..., 0] - outs[..., 1]
+        keep = y >= 0
+        loss = vote_loss(margins[keep], teacher[keep], y[keep], config) if keep.any() else margins.sum() * 0
+        if hint is not None and config.hint_weight > 0:
+            loss = loss + config.hint_weight * F.mse_loss(h, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.clip)
+        opt.step()
+        sched.step()
+        seen += len(batch)
+        if progress is not None:
+            progress(seen, n, float(loss.detach()))
+    for net in (trunk, *nets):
+        net.eval()
+        net.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+    return seen
+
+
+def _layout(parent: Parent) -> torch.memory_format:
+    """The fine-tune's memory layout: channels-last for images (oneDNN's grouped convolutions and their gradients
+    are about 1.6x faster so on a CPU, and it is the layout GPUs prefer)."""
+    return torch.channels_last if len(parent.model.input_shape) == 3 else torch.contiguous_format
+
+
+def teacher_graph(parent: Parent) -> fx.GraphModule:
+    """A copy of the parent's network in the fine-tune's layout (the parent itself stays as it is)."""
+    return copy.deepcopy(parent.model.graph).to(memory_format=_layout(parent))  # type: ignore[call-overload]
+
+
+@dataclass(frozen=True)
+class CompactModules:
+    """The outcome of a compact decomposition, before it becomes a ModuleSet."""
+
+    plan: ChannelPlan
+    keeps: tuple[dict[int, torch.Tensor], ...]
+    nets: tuple[fx.GraphModule, ...]
+    cost: CompactCost
+
+
+def compact_decompose(parent: Parent, images: np.ndarray, labels: np.ndarray, config: CompactConfig,
+                      classes: Sequence[int] | None = None,
+                      progress: Callable[[str, int, int, float], None] | None = None) -> CompactModules:
+    """Compact modules for `classes` (default: all) of `parent`, from labelled training images."""
+    start = time.perf_counter()
+    chosen = list(classes) if classes is not None else list(range(parent.num_classes))
+    plan = channel_plan(parent.model)
+    rng = np.random.default_rng(config.seed)
+    sample = _sample(labels, range(parent.num_classes), config.importance_per_class, rng)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        importance = class_importance(parent, plan, images[sample], chosen)
+        cut = choose_cut(parent, config.shared_prefix)
+        common = prefix_spaces(parent, plan, cut)
+        keeps = choose_keeps(importance, plan, config, common)
+        frozen = frozenset(prefix_layers(parent, plan, cut)) if cut is not None and config.freeze_prefix \
+            else frozenset()
+        whole = bool(frozen) and all(len(keeps[0].get(sp, [])) == plan.spaces[sp].size
+                                     for sp in common if plan.spaces[sp].prunable)
+        head = parent.model.head
+        hw, hb = channel_heads(head.weight, head.bias, chosen)
+        nets = [materialize(parent.model.graph, plan, k, hw[i], hb[i]) for i, k in enumerate(keeps)]
+        pick = _sample(labels, range(parent.num_classes), math.ceil(max(config.recalibrate_images, 64)
+                                                                    / parent.num_classes), rng)
+        x = parent.input_spec.prepare(images[pick])
+        calibration = 0
+        if config.recalibrate_images > 0:
+            with torch.no_grad():
+                teacher = parent.model.graph(x)[:, torch.tensor(chosen)]
+            recalibrate(parent, plan, keeps, nets, x, teacher, skip=frozen)
+            calibration = len(pick)
+        training = config.train_images > 0 and config.lr > 0
+        grouped = training and config.batching == "grouped" and len(nets) > 1 and same_widths(plan, keeps)
+        trained = [stack(parent.model.graph, plan, keeps, nets, cut=cut, input_shape=tuple(parent.model.input_shape))
+                   ] if grouped else nets
+        if training:
+            for net in trained:
+                insert_batchnorm(net, plan, x, skip=frozen)
+            calibration = len(pick)
+        tick = (lambda seen, total, loss: progress("fine-tune", seen, total, loss)) if progress else None
+        mine = np.isin(labels, chosen)  # the loss reads only the chosen classes' images: train on those alone
+        train_images, train_labels = (images, labels) if mine.all() else (images[mine], labels[mine])
+        hint = keeps[0][plan.space_of[cut]] if cut is not None and config.hint_weight > 0 and not whole \
+            and cut in plan.space_of else None
+        seen = fine_tune(parent, trained, train_images, train_labels, chosen, config, tick, cut, bool(frozen),
+                         whole, hint)
+        if training:
+            for net in trained:
+                fold_inserted_batchnorm(net)
+        if grouped:
+            load_stacked(trained[0], plan, nets)
+        if cut is not None:  # the same prefix: bit-identical weights in every module
+            from .channels import split_at
+
+            share_prefix(nets, split_at(nets[0], cut)[0])
+    cost = CompactCost(len(sample) + calibration, seen, time.perf_counter() - start)
+    return CompactModules(plan, tuple(keeps), tuple(nets), cost)
+
+
+def module_set(parent: Parent, plan: ChannelPlan, keeps: Sequence[dict[int, torch.Tensor]],
+               nets: Sequence[fx.GraphModule], classes: Sequence[int], config: dict | None = None,
+               shared: object = None, engine: str = "exact") -> ModuleSet:
+    """Compact modules as a ModuleSet: masks at the parent's ReLU sites (whole kept channels, for the Jaccard
+    index and overlaps), heads over the parent's full features (zero for removed channels), and the networks."""
+    from .channels import _feature_index, _sorted_keep, site_masks
+    from .engines import CompactNets
+
+    sites = parent.model.site_list("relu")
+    per_module = [site_masks(parent.model, plan, k) for k in keeps]
+    masks = {s.name: torch.stack([m[s.name] for m in per_module]) for s in sites}
+    features = parent.model.head.weight.shape[1]
+    weights, biases = torch.zeros(len(nets), 2, features), torch.zeros(len(nets), 2)
+    for i, (net, keep) in enumerate(zip(nets, keeps, strict=True)):
+        lin_weight, lin_bias = head_parameters(net, plan)
+        cols = _feature_index(_sorted_keep(keep, plan)[plan.head_space], plan.head.repeat)
+        weights[i][:, cols] = lin_weight.detach()
+        biases[i] = lin_bias.detach()
+    compact = CompactNets(plan, tuple(dict(k) for k in keeps), tuple(nets), shared, engine,  # type: ignore[arg-type]
+                          tuple(parent.model.input_shape), parent.model.graph)
+    record = {"method": "compact", "sites": "relu", **(config or {})}
+    return ModuleSet(parent, tuple(classes), sites, masks, weights, biases, record, compact)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What it cost, next to what training the parent costs
+
+
+def training_epoch_estimate(parent: Parent, images: np.ndarray, labels: np.ndarray, steps: int = 10,
+                            batch_size: int = 128, seed: int = 0) -> dict:
+    """Time and energy of one training epoch of the parent's architecture on `images`, measured with the same
+    meter as everything else on `steps` SGD steps of `batch_size` (after two warm-up steps): the median step,
+    times the steps of an epoch (the median, so that a step slowed by something else on the machine does not
+    move it). The zoo architecture (with BatchNorm) trains where the parent is a zoo model; otherwise the folded
+    graph does, which is a little cheaper than training the original."""
+    from ..workflows.energy import EnergyMeter
+    from ..workflows.train import augment_batch, crop_padding
+
+    model: nn.Module
+    try:
+        from ..zoo import create_model, list_models
+
+        if parent.arch in list_models():
+            model = create_model(parent.arch, num_classes=parent.num_classes, in_channels=parent.input_spec.channels,
+                                 seed=seed)
+            what = parent.arch
+        else:
+            raise KeyError(parent.arch)
+    except Exception:  # not a zoo model (or one that will not build here): the folded graph
+        model = copy.deepcopy(parent.model.graph)
+        what = "the folded graph"
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(seed)
+    pad = crop_padding(*parent.input_spec.size, parent.input_spec.channels)
+    rng = np.random.default_rng(seed)
+
+    def step() -> None:
+        pick = rng.choice(len(images), size=min(batch_size, len(images)), replace=False)
+        x = torch.from_numpy(np.ascontiguousarray(images[pick])).permute(0, 3, 1, 2).float().div_(255.0)
+        x = parent.input_spec.prepare(augment_batch(x, pad, generator))
+        loss = F.cross_entropy(model(x), torch.as_tensor(labels[pick], dtype=torch.long))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    with torch.random.fork_rng(devices=[]):
+        step()
+        step()
+        with EnergyMeter() as meter:
+            for i in range(steps):
+                with meter.step(f"step {i}"):
+                    step()
+    per_step = list(meter.steps.values())
+    scale = len(images) / min(batch_size, len(images))  # steps per epoch
+    return {"architecture": what, "measured_images": steps * min(batch_size, len(images)),
+            "epoch_images": int(len(images)), "epoch_seconds": statistics.median(r.seconds for r in per_step) * scale,
+            "epoch_kwh": statistics.median(r.kwh for r in per_step) * scale, "method": meter.report.method}
+
+
+def cost_record(cost: CompactCost, energy: dict, epoch: dict, epochs: int = 200) -> dict:
+    """The store's record of what the modules cost next to training the parent for `epochs` epochs."""
+    parent_kwh = epoch["epoch_kwh"] * epochs
+    train_images = epoch["epoch_images"] * epochs
+    return {
+        "images_seen": cost.importance_images + cost.train_images,
+        "importance_images": cost.importance_images,
+        "fine_tune_images": cost.train_images,
+        "seconds": cost.seconds,
+        "energy": energy,
+        "parent_training": {**epoch, "epochs": epochs, "kwh": parent_kwh, "images": train_images},
+        "fraction_of_parent_training_energy": energy["kwh"] / parent_kwh if parent_kwh > 0 else None,
+    }
+
+
+def decompose_compact(parent: Parent, images: np.ndarray, labels: np.ndarray,
+                      config: CompactConfig = CompactConfig(), classes: Sequence[str] | None = None,
+                      progress: Callable[[str, int, int, float], None] | None = None) -> tuple[ModuleSet, CompactCost]:
+    """Compact modules of `parent` for `classes` (default: all) as a ModuleSet, and what they cost.
+
+    `images` are uint8 NHWC training images and `labels` index the parent's classes."""
+    chosen = [parent.class_index(c) for c in classes] if classes else list(range(parent.num_classes))
+    result = compact_decompose(parent, images, labels, config, chosen, progress)
+    return module_set(parent, result.plan, list(result.keeps), list(result.nets), chosen, config.to_json()), \
+        result.cost
