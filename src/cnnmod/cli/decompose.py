@@ -66,7 +66,7 @@ from .shards import open_dataset_once, total_energy
 @click.option("--prefix-keep", type=FiniteFloat(0.0, 1.0, open_low=True), default=1.0, show_default=True,
               help="compact: fraction of the shared prefix's channels the modules keep. 1: the parent's own first "
                    "layers, frozen (right for many classes); below 1 the prefix is narrowed to the chosen classes' "
-                   "channels and fine-tuned (for a few classes, e.g. a pair: 0.3), which changes the fine-tune's "
+                   "channels and fine-tuned (for a few classes, e.g. a pair: 0.35), which changes the fine-tune's "
                    "defaults to lr 0.004, label weight 0.5, 100000 images and a feature hint (weight 5).")
 @click.option("--train-images", type=click.IntRange(min=0), default=None,
               help="compact: training images of the joint fine-tune (0: none) [default: 300000, or 100000 with "

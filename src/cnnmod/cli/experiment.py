@@ -139,8 +139,7 @@ def with_common(f):  # type: ignore[no-untyped-def]
 @click.option("--prefix-keep", type=FiniteFloat(0.0, 1.0, open_low=True), default=1.0, show_default=True,
               help="compact: the pairs' own decompositions keep this fraction of the shared prefix's channels, "
                    "chosen for the pair and fine-tuned (`decompose --prefix-keep`: lr 0.004, label weight 0.5 and a "
-                   "feature hint); "
-                   "1: the parent's own prefix, as in the store.")
+                   "feature hint); 1: the parent's own prefix, as in the store.")
 @with_common
 def intra_reuse(model: Path, arch: str, data_path: Path, pairs: str, method: str, train_images: int,
                 prefix_keep: float, epochs: int, samples_per_class: int, seed: int, out: ReportTarget | None,
