@@ -1,7 +1,7 @@
 """A 2-class classifier of compact modules against the parent: accuracy on the pair and inference time.
 
-    python benchmarks/compact_pair.py cat dog [--prefix-keep 0.3] [--train-images 50000] [--lr 0.004]
-        [--hint-weight 5] [--label-weight 0.25] [--arch resnet20|resnet56]
+    python benchmarks/compact_pair.py cat dog [--prefix-keep 0.35] [--train-images 100000] [--lr 0.004]
+        [--hint-weight 5] [--label-weight 0.5] [--arch resnet20|resnet56]
 
 Decomposes the pair's two compact modules from the shared parent (a prefix narrowed to --prefix-keep of its
 channels for the pair, or the parent's own with 1), composes them, and times the pair classifier and the parent
@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("a")
     ap.add_argument("b")
     ap.add_argument("--arch", choices=sorted(WEIGHTS), default="resnet20")
-    ap.add_argument("--prefix-keep", type=float, default=0.3)
+    ap.add_argument("--prefix-keep", type=float, default=0.35)
     ap.add_argument("--train-images", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--hint-weight", type=float, default=None)

@@ -317,3 +317,32 @@ def test_a_prefix_all_modules_share_runs_once_with_identical_outputs(parent) -> 
         for batching in ("grouped", "each"):
             runner = dataclasses.replace(compact, batching=batching).runner(hw, hb, torch.device("cpu"))
             assert torch.equal(runner(x), alone)
+
+
+def test_a_runner_is_built_once_and_rebuilt_when_its_weights_or_heads_change(parent) -> None:  # type: ignore[no-untyped-def]
+    plan = ch.channel_plan(parent.model)
+    stem, a, c, d = spaces(parent, plan)
+    keeps = [{**k, stem: torch.tensor([0, 3]), a: torch.tensor([1])} for k in hand_keeps(parent, plan)]
+    hw, hb = heads()
+    nets = [ch.materialize(parent.model.graph, plan, k, hw[i], hb[i]) for i, k in enumerate(keeps)]
+    compact = CompactNets(plan, tuple(keeps), tuple(nets), input_shape=(1, 4, 4), base=parent.model.graph)
+    cpu, x = torch.device("cpu"), images()
+
+    def alone() -> torch.Tensor:
+        return torch.stack([net(x) for net in nets], 1)
+
+    with torch.no_grad():
+        first = compact.runner(hw, hb, cpu)
+        assert compact.runner(hw.clone(), hb.clone(), cpu) is first  # equal heads, same weights: kept
+        nets[2].get_submodule("conv_d").weight.add_(1)  # changed in place: rebuilt, with the new weights
+        changed = compact.runner(hw, hb, cpu)
+        assert changed is not first and torch.equal(changed(x), alone())
+        other = hw.clone()
+        other[0, 0, 1] += 1  # another head for module 0: rebuilt, and module 0 reads it
+        with_head = compact.runner(other, hb, cpu)
+        assert with_head is not changed and not torch.equal(with_head(x)[:, 0], changed(x)[:, 0])
+        assert torch.equal(with_head(x)[:, 1:], changed(x)[:, 1:])
+        logits = parent.logits(x.numpy())
+        parent.model.graph.get_submodule("head").bias.add_(1)
+        assert torch.equal(parent.logits(x.numpy()), logits + 1)  # the parent's too
+        parent.model.graph.get_submodule("head").bias.sub_(1)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from .channels import (
     stack,
 )
 from .inputs import InputSpec
-from .modules import relus_in_place
+from .modules import RunnerCache, relus_in_place
 
 ENGINES = ("exact", "shared")
 
@@ -76,6 +76,7 @@ class CompactNets:
     """How the exact engine runs the modules' own layers: `grouped` (one grouped convolution per layer),
     `each` (one module after the other), or `auto` (grouped where a shared prefix leaves small tails, or on a
     GPU; measured in docs/RESULTS.md)."""
+    _runners: RunnerCache = field(default_factory=RunnerCache, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -114,8 +115,17 @@ class CompactNets:
 
     def runner(self, head_weight: torch.Tensor, head_bias: torch.Tensor, device: torch.device,
                engine: str | None = None) -> nn.Module:
-        """A module (B, C, H, W) -> (B, M, 2) that runs these modules with the chosen engine."""
+        """A module (B, C, H, W) -> (B, M, 2) that runs these modules with the chosen engine. It is built once
+        and kept while the heads, the weights and the device are the same (building the stacked network takes
+        longer than running a pair's modules over a thousand images)."""
         engine = engine or self.engine
+        sources: list[nn.Module] = [*self.nets, *([self.base] if self.base is not None else []),
+                                    *([self.shared.trunk] if engine == "shared" and self.shared else [])]
+        return self._runners.get((engine, str(device)), sources, (head_weight, head_bias),
+                                 lambda: self._build_runner(head_weight, head_bias, device, engine))
+
+    def _build_runner(self, head_weight: torch.Tensor, head_bias: torch.Tensor, device: torch.device,
+                      engine: str) -> nn.Module:
         if engine == "shared":
             if self.shared is None:
                 raise CnnmodError("these modules have no shared network; use the exact engine")

@@ -23,6 +23,30 @@ from .trace import Site, TracedModel, trace_model
 MASKED_ENGINES = ("exact", "shared")
 
 
+class RunnerCache:
+    """Networks built for inference, each kept under a key until the weights they were built from change: a
+    weight tensor replaced or changed in place (its version counter) or different extra tensors (heads) rebuild
+    it. One entry per key, so the cache holds what the last calls used."""
+
+    def __init__(self) -> None:
+        self._entries: dict[Any, tuple[tuple, tuple[torch.Tensor, ...], nn.Module]] = {}
+
+    def get(self, key: Any, sources: Sequence[nn.Module], tensors: Sequence[torch.Tensor],
+            build: Callable[[], nn.Module]) -> nn.Module:
+        state = tuple((t.data_ptr(), t._version, tuple(t.shape)) for m in sources
+                      for t in (*m.parameters(), *m.buffers()))
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] == state and len(hit[1]) == len(tensors) and all(
+                a.shape == b.shape and torch.equal(a, b.to(a.device)) for a, b in zip(hit[1], tensors, strict=True)):
+            return hit[2]
+        net = build()
+        self._entries[key] = (state, tuple(t.detach().clone() for t in tensors), net)
+        return net
+
+    def __reduce__(self) -> tuple[type, tuple]:
+        return RunnerCache, ()  # copies and pickles start empty: a copy's weights are other tensors
+
+
 @dataclass(frozen=True)
 class Parent:
     """A trained classifier, traced and BatchNorm-folded, with its class names and input spec."""
@@ -31,6 +55,7 @@ class Parent:
     classes: tuple[str, ...]
     input_spec: InputSpec
     arch: str = "custom"
+    _inference: RunnerCache = field(default_factory=RunnerCache, init=False, repr=False, compare=False)
 
     @classmethod
     def from_model(cls, model: nn.Module, input_spec: InputSpec, classes: Sequence[str],
@@ -66,7 +91,8 @@ class Parent:
     def logits(self, images: np.ndarray, batch_size: int = 256, device: torch.device | str | None = None,
                progress: bool = False) -> torch.Tensor:
         device = resolve_device(device)
-        net = inference_network(self.model).to(device).eval()
+        net = self._inference.get(str(device), [self.model.graph], [],
+                                  lambda: inference_network(self.model).to(device).eval())
         return _batched(lambda x: net(self.input_spec.prepare(x, device)), images, batch_size, progress, "parent")
 
 
