@@ -113,3 +113,18 @@ def test_a_command_that_does_not_share_its_work_is_refused_once_under_torchrun(t
     assert not out.exists()
     shown = cnnmod("train", "--help", processes=2)  # help reads and writes nothing: every rank may show it
     assert shown.returncode == 0 and "Usage:" in shown.stdout
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_only_rank_0_fails_so_that_torchrun_cannot_stop_it_before_its_error_is_out(rank: int, tmp_path: Path
+                                                                                   ) -> None:
+    # torchrun stops every worker once one fails: were rank 1 to fail first, rank 0 could die before printing
+    env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}
+    out = tmp_path / "trained.safetensors"
+    run = subprocess.run([sys.executable, "-m", "cnnmod", "train", "smallcnn", "--data", str(DATA), "--out", str(out)],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert not out.exists()
+    if rank == 0:
+        assert run.returncode == 1 and run.stderr.startswith("error: cnnmod train runs in one process")
+    else:
+        assert run.returncode == 0 and run.stdout == run.stderr == ""

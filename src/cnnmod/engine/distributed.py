@@ -29,7 +29,12 @@ _GLOO_TYPES = (torch.uint8, torch.int8, torch.int32, torch.int64, torch.float32,
 
 
 class RankExit(SystemExit):
-    """A rank other than 0 stops because rank 0 reported an error (which rank 0 alone prints)."""
+    """A rank other than 0 stops, with status 0, because rank 0 reported an error (which rank 0 alone prints and
+    exits with). torchrun stops every worker as soon as one fails: a failing rank 1 could stop rank 0 before its
+    error line is out, so only rank 0 fails and torchrun's status is rank 0's."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,8 @@ class Shard:
 
     def first(self, fn: Callable[[], T]) -> T | None:
         """Run `fn` on rank 0 only (checking an output path, say); a CnnmodError there stops every rank: rank 0
-        raises it (and prints it), the others exit with status 1 and print nothing."""
+        raises it (and prints it), the others exit with status 0 and print nothing
+        (torchrun's status is rank 0's)."""
         if self.world == 1:
             return fn()
         import torch.distributed as dist
@@ -109,7 +115,7 @@ class Shard:
         if message[0] is not None:
             if self.main:
                 raise CnnmodError(message[0])
-            raise RankExit(1)
+            raise RankExit()
         return result
 
     @property
@@ -132,11 +138,11 @@ def in_torchrun() -> bool:
 def one_process_only(what: str) -> None:
     """Stop, before anything is read or written, a job that does not share its work between torchrun's processes
     (each would do all of it and write the same files): rank 0 raises the error, which it alone prints; the other
-    ranks exit with status 1 and print nothing. Nothing happens outside torchrun."""
+    ranks exit with status 0 and print nothing (torchrun's status is rank 0's). Nothing happens outside torchrun."""
     if not in_torchrun():
         return
     if os.environ.get("RANK", "0").strip() != "0":
-        raise RankExit(1)
+        raise RankExit()
     raise CnnmodError(f"{what} runs in one process; start it without torchrun")
 
 
