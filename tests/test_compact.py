@@ -20,7 +20,7 @@ from cnnmod.engine.engines import CompactNets, EngineResult, choose_engine, unio
 from cnnmod.engine.modules import ModuleSet
 from cnnmod.errors import CnnmodError, StoreError
 from cnnmod.storage.compactstore import build_shared, load_module_network, trunk_network
-from cnnmod.storage.fileio import sha256_file
+from cnnmod.storage.fileio import load_safetensors, sha256_file
 from cnnmod.storage.store import load_store, save_store
 from fixtures.nets import parent_of
 
@@ -346,3 +346,133 @@ def test_a_runner_is_built_once_and_rebuilt_when_its_weights_or_heads_change(par
         parent.model.graph.get_submodule("head").bias.add_(1)
         assert torch.equal(parent.logits(x.numpy()), logits + 1)  # the parent's too
         parent.model.graph.get_submodule("head").bias.sub_(1)
+
+
+def test_modules_kept_as_float16_take_half_the_bytes_and_load_as_they_ran(parent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from safetensors import safe_open
+
+    plan = ch.channel_plan(parent.model)
+    keeps = hand_keeps(parent, plan)
+    hw, hb = heads()
+    nets = [ch.materialize(parent.model.graph, plan, k, hw[i], hb[i]) for i, k in enumerate(keeps)]
+    with torch.no_grad():  # a trained model's weights are not integers: thirds are not float16 values
+        for net in nets:
+            for p in net.parameters():
+                p.mul_(1 / 3)
+    full = module_set(parent, plan, keeps, nets, range(3))
+    half = module_set(parent, plan, keeps, nets, range(3), weights_dtype="float16")
+    assert half.compact is not None and half.compact.weights_dtype == "float16"
+    for a, b in zip(full.compact.nets, half.compact.nets, strict=True):  # type: ignore[union-attr]
+        for (name, wa), (_, wb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+            assert wb.dtype == torch.float32 and torch.equal(wb.half().float(), wb), name
+            assert torch.allclose(wa, wb, rtol=1e-3, atol=0)
+    x = images().numpy()
+    assert not torch.equal(full.logits(x), half.logits(x))  # rounding changed the weights ...
+    assert torch.allclose(full.logits(x), half.logits(x), rtol=1e-2, atol=1e-2)  # ... by float16's precision
+
+    p32, p16 = save_store(tmp_path / "f32", full), save_store(tmp_path / "f16", half)
+    loaded = load_store(p16).modules
+    assert loaded.compact is not None and loaded.compact.weights_dtype == "float16"
+    assert torch.equal(loaded.logits(x), half.logits(x))  # the store runs what was made
+    manifest = json.loads((p16 / "manifest.json").read_text())
+    assert manifest["compact"]["weights_dtype"] == "float16"
+    for m32, m16 in zip(json.loads((p32 / "manifest.json").read_text())["modules"], manifest["modules"], strict=True):
+        with safe_open(str(p32 / m32["network"]["file"]), "pt") as f32, \
+                safe_open(str(p16 / m16["network"]["file"]), "pt") as f16:
+            assert set(f32.keys()) == set(f16.keys())
+            for key in f32.keys():
+                assert f16.get_tensor(key).dtype == torch.float16
+                assert f16.get_tensor(key).nbytes * 2 == f32.get_tensor(key).nbytes
+    entry = manifest["modules"][0]["network"]
+    net, _, _ = load_module_network(p16 / entry["file"])  # standalone, back in float32
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    with torch.no_grad():
+        assert torch.equal(net(torch.from_numpy(x)), half.logits(x)[:, 0])
+    again = save_store(tmp_path / "again", loaded)  # a loaded store saves as it was: the same tensors
+    for m in manifest["modules"]:
+        first, second = (load_safetensors(s / m["network"]["file"]) for s in (p16, again))
+        assert first[1] == second[1] and first[0].keys() == second[0].keys()
+        assert all(torch.equal(first[0][k], second[0][k]) and first[0][k].dtype == torch.float16 for k in first[0])
+
+
+def test_weights_beyond_float16s_range_are_refused_naming_the_tensor(parent) -> None:  # type: ignore[no-untyped-def]
+    from cnnmod.engine.engines import rounded_weights
+
+    plan = ch.channel_plan(parent.model)
+    net = ch.materialize(parent.model.graph, plan, hand_keeps(parent, plan)[0], *[h[0] for h in heads()])
+    with torch.no_grad():
+        net.get_submodule("conv_a").weight.mul_(1e5)
+    with pytest.raises(CnnmodError, match=r"conv_a\.weight of module 2 .*float32"):
+        rounded_weights(net, "float16", "module 2")
+    with pytest.raises(CnnmodError, match="unknown weights dtype 'int8'"):
+        rounded_weights(net, "int8")
+
+
+def test_a_store_naming_an_unknown_weights_dtype_is_refused(parent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path, _ = compact_store(parent, tmp_path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["compact"]["weights_dtype"] = "int4"
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="weights dtype 'int4'"):
+        load_store(path)
+
+
+def test_decompose_keeps_compact_weights_as_float16_when_asked(cnnmod_cli, tiny_model: Path, tiny_data: Path,  # type: ignore[no-untyped-def]
+                                                               tmp_path: Path) -> None:
+    from fixtures.cli import ok_json
+
+    made = {}
+    for dtype in ("float32", "float16"):
+        made[dtype] = ok_json(cnnmod_cli("decompose", tiny_model, "--data", tiny_data, "--out", tmp_path / dtype,
+                                         "--method", "compact", "--train-images", 32, "--weights-dtype", dtype,
+                                         "--json"))
+        assert made[dtype]["weights_dtype"] == dtype
+    shown = {d: ok_json(cnnmod_cli("inspect", tmp_path / d, "--json"))["modules"] for d in made}
+    for full, half in zip(shown["float32"], shown["float16"], strict=True):
+        assert half["weights_dtype"] == "float16" and half["parameters"] == full["parameters"]
+        assert half["file_bytes_with_prefix"] < full["file_bytes_with_prefix"]
+    for name in ("0000.net.safetensors", "prefix.net.safetensors"):  # the weights take half the bytes
+        full_bytes, half_bytes = (sum(t.nbytes for t in load_safetensors(tmp_path / d / "modules" / name)[0].values())
+                                  for d in made)
+        assert half_bytes * 2 == full_bytes
+    scores = {d: ok_json(cnnmod_cli("evaluate", tmp_path / d, "--data", tiny_data, "--json"))["composed"]["top1"]
+              for d in made}
+    assert abs(scores["float16"] - scores["float32"]) <= 0.05
+
+
+@pytest.mark.parametrize("method, option, value", [("paper", "--train-images", "10"),
+                                                    ("paper", "--weights-dtype", "float16"),
+                                                    ("compact", "--rho", "0.1"),
+                                                    ("compact", "--samples-per-class", "5")])
+def test_an_option_of_the_other_method_is_refused_not_ignored(cnnmod_cli, tiny_model: Path, tiny_data: Path,  # type: ignore[no-untyped-def]
+                                                              tmp_path: Path, method: str, option: str,
+                                                              value: str) -> None:
+    from fixtures.cli import assert_usage_error
+
+    other = "compact" if method == "paper" else "paper"
+    assert_usage_error(cnnmod_cli("decompose", tiny_model, "--data", tiny_data, "--out", tmp_path / "s",
+                                  "--method", method, option, value),
+                       f"{option} applies to --method {other} only")
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_store_of_float32_modules_converts_to_float16_and_runs_what_it_stored(parent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import dataclasses
+
+    from cnnmod.engine.compact import stored_as
+
+    _, modules = compact_store(parent, tmp_path)
+    with torch.no_grad():  # weights and heads that float16 does not hold
+        for n in modules.compact.nets:  # type: ignore[union-attr]
+            for p in n.parameters():
+                p.mul_(1 / 3)
+        hw, hb = modules.head_weight / 3, modules.head_bias / 3
+    modules = dataclasses.replace(modules, head_weight=hw, head_bias=hb)
+    half = stored_as(modules, "float16")
+    assert torch.equal(half.head_weight, hw.half().float()) and not torch.equal(half.head_weight, hw)
+    loaded = load_store(save_store(tmp_path / "half", half)).modules
+    x = images().numpy()
+    assert torch.equal(loaded.logits(x), half.logits(x))
+    with pytest.raises(CnnmodError, match="only compact modules"):
+        stored_as(masked(parent, ch.channel_plan(parent.model), hand_keeps(parent, ch.channel_plan(parent.model)),
+                         *heads()), "float16")

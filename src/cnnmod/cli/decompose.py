@@ -18,6 +18,7 @@ from ..engine.decompose import (
     plan_for,
 )
 from ..engine.distributed import Shard, joined, one_process_only
+from ..engine.engines import WEIGHT_DTYPES
 from ..engine.memory import MemoryEstimate, estimate_decomposition, refusal, room
 from ..engine.modules import Parent
 from ..progress import is_quiet
@@ -71,6 +72,9 @@ from .shards import open_dataset_once, total_energy
 @click.option("--train-images", type=click.IntRange(min=0), default=None,
               help="compact: training images of the joint fine-tune (0: none) [default: 300000, or 100000 with "
                    "--prefix-keep below 1].")
+@click.option("--weights-dtype", type=click.Choice(list(WEIGHT_DTYPES)), default="float32", show_default=True,
+              help="compact: how the store keeps the modules' weights. float16 halves the module files; the modules "
+                   "are rounded to it when made, so the store runs exactly what was measured, in float32.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @device_option
 @json_option
@@ -79,18 +83,20 @@ def decompose(model: ModelSource, data_path: Path, data_format: str | None, clas
               out: Path, samples_per_class: int, tangling_ratio: float, rho: float, granularity: str,
               variant: str, sites: str, delta: float, seed: int, batch_size: int, classes_per_pass: int | None,
               keep_activity: bool, method: str, stream_keep: float | None, inner_keep: float | None,
-              prefix_keep: float, train_images: int | None, overwrite: bool, device: str | None, as_json: bool) -> None:
+              prefix_keep: float, train_images: int | None, weights_dtype: str, overwrite: bool, device: str | None,
+              as_json: bool) -> None:
     """Decompose MODEL into one module per class using the training split of --data.
 
     Under `torchrun --nproc-per-node N -m cnnmod decompose ...` the N processes share the samples and sum their
     counts; rank 0 writes the store, which equals the one a single process writes."""
+    _refuse_other_methods_options(method)
     if method == "compact":
         from .decompose_compact import compact_config, decompose_compact
 
         one_process_only("--method compact")
         return decompose_compact(model, data_path, data_format, split_classes(classes), out,
                                  compact_config(stream_keep, inner_keep, train_images, seed, prefix_keep),
-                                 overwrite, device, as_json)
+                                 weights_dtype, overwrite, device, as_json)
     config = DecomposeConfig(samples_per_class, tangling_ratio, rho, granularity, variant, sites, delta, seed)
     with joined(device) as (shard, device):
         shard.first(lambda: check_output(out, "store", overwrite))
@@ -132,6 +138,23 @@ def decompose(model: ModelSource, data_path: Path, data_format: str | None, clas
              f"{seconds:.1f}s{_how(shard, result.passes)}; mean Jaccard index {float(jaccard.mean()):.4f}\n"
              f"input: {describe_spec(parent.input_spec)}",
              energy)
+
+
+_METHOD_OPTIONS = {
+    "paper": ("samples_per_class", "tangling_ratio", "rho", "granularity", "variant", "sites", "delta",
+              "batch_size", "classes_per_pass", "keep_activity"),
+    "compact": ("stream_keep", "inner_keep", "prefix_keep", "train_images", "weights_dtype"),
+}
+
+
+def _refuse_other_methods_options(method: str) -> None:
+    """An option of the other method, given on the command line, is an error rather than silently unused."""
+    ctx = click.get_current_context()
+    for other, names in _METHOD_OPTIONS.items():
+        for name in names if other != method else ():
+            if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+                flag = "--" + name.replace("_", "-")
+                raise click.UsageError(f"{flag} applies to --method {other} only, not --method {method}", ctx)
 
 
 def _how(shard: Shard, passes: int) -> str:

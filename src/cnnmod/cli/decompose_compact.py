@@ -31,7 +31,8 @@ def compact_config(stream_keep: float | None, inner_keep: float | None, train_im
 
 
 def decompose_compact(model: ModelSource, data_path: Path, data_format: str | None, chosen: list[str] | None,
-                      out: Path, config: CompactConfig, overwrite: bool, device: str | None, as_json: bool) -> None:
+                      out: Path, config: CompactConfig, weights_dtype: str, overwrite: bool, device: str | None,
+                      as_json: bool) -> None:
     check_output(out, "store", overwrite)
     if resolve_device(device).type != "cpu":
         click.echo("note: --method compact runs on the CPU", err=True)
@@ -56,7 +57,7 @@ def decompose_compact(model: ModelSource, data_path: Path, data_format: str | No
     epoch = training_epoch_estimate(parent, images, labels, seed=config.seed)
     cost = cost_record(result.cost, meter.report.to_json(), epoch)
     modules = module_set(parent, result.plan, list(result.keeps), list(result.nets), classes,
-                         config.to_json(), None, "exact")
+                         config.to_json(), None, "exact", weights_dtype)
     provenance = {"model": str(model), "data": str(data_path), "method": "compact",
                   "samples_observed": cost["images_seen"], "seconds": seconds, "energy": meter.report.to_json(),
                   "cost": cost}
@@ -70,7 +71,8 @@ def decompose_compact(model: ModelSource, data_path: Path, data_format: str | No
     emit(as_json,
          {"store": str(out), "arch": parent.arch, "input_spec": parent.input_spec.to_json(), "method": "compact",
           "classes": list(modules.class_names), "config": config.to_json(), "seconds": seconds,
-          "kept_parameters_mean": kept, "jaccard_mean": float(modules.jaccard().mean()), "cost": cost},
+          "kept_parameters_mean": kept, "weights_dtype": weights_dtype,
+          "jaccard_mean": float(modules.jaccard().mean()), "cost": cost},
          f"wrote {out}: {len(modules)} compact modules of {parent.arch} in {seconds:.1f}s; each keeps "
          f"{kept:.1%} of the parent's parameters on average\ncost: {cost['images_seen']} images seen, "
          f"{cost['energy']['kwh']:.6f} kWh = {share:.2%} of training the parent for 200 epochs "

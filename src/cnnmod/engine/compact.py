@@ -612,11 +612,16 @@ def compact_decompose(parent: Parent, images: np.ndarray, labels: np.ndarray, co
 
 def module_set(parent: Parent, plan: ChannelPlan, keeps: Sequence[dict[int, torch.Tensor]],
                nets: Sequence[fx.GraphModule], classes: Sequence[int], config: dict | None = None,
-               shared: object = None, engine: str = "exact") -> ModuleSet:
+               shared: object = None, engine: str = "exact", weights_dtype: str = "float32") -> ModuleSet:
     """Compact modules as a ModuleSet: masks at the parent's ReLU sites (whole kept channels, for the Jaccard
-    index and overlaps), heads over the parent's full features (zero for removed channels), and the networks."""
+    index and overlaps), heads over the parent's full features (zero for removed channels), and the networks,
+    their weights rounded to what `weights_dtype` holds (the heads too, so that a stored module runs as this one)."""
     from .channels import _feature_index, _sorted_keep, site_masks
-    from .engines import CompactNets
+    from .engines import CompactNets, SharedNet, rounded_weights
+
+    nets = [rounded_weights(n, weights_dtype, f"module {i}") for i, n in enumerate(nets)]
+    if isinstance(shared, SharedNet):
+        shared = replace(shared, trunk=rounded_weights(shared.trunk, weights_dtype, "the shared network"))
 
     sites = parent.model.site_list("relu")
     per_module = [site_masks(parent.model, plan, k) for k in keeps]
@@ -629,13 +634,26 @@ def module_set(parent: Parent, plan: ChannelPlan, keeps: Sequence[dict[int, torc
         weights[i][:, cols] = lin_weight.detach()
         biases[i] = lin_bias.detach()
     compact = CompactNets(plan, tuple(dict(k) for k in keeps), tuple(nets), shared, engine,  # type: ignore[arg-type]
-                          tuple(parent.model.input_shape), parent.model.graph)
+                          tuple(parent.model.input_shape), parent.model.graph, weights_dtype=weights_dtype)
     record = {"method": "compact", "sites": "relu", **(config or {})}
     return ModuleSet(parent, tuple(classes), sites, masks, weights, biases, record, compact)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # What it cost, next to what training the parent costs
+
+
+def stored_as(modules: ModuleSet, weights_dtype: str) -> ModuleSet:
+    """Compact modules whose networks and heads hold `weights_dtype` values, as a store keeps them with
+    `--weights-dtype` (they still run in float32): what a store of them will load is exactly what runs here."""
+    from .engines import WEIGHT_DTYPES
+
+    if modules.compact is None:
+        raise CnnmodError("only compact modules (decompose --method compact) have a weights dtype")
+    compact = modules.compact.stored_as(weights_dtype)
+    dtype = WEIGHT_DTYPES[weights_dtype]
+    return replace(modules, compact=compact, head_weight=modules.head_weight.to(dtype).to(torch.float32),
+                   head_bias=modules.head_bias.to(dtype).to(torch.float32))
 
 
 def training_epoch_estimate(parent: Parent, images: np.ndarray, labels: np.ndarray, steps: int = 10,

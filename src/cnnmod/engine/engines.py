@@ -38,6 +38,30 @@ from .modules import RunnerCache, relus_in_place
 ENGINES = ("exact", "shared")
 
 
+WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+"""How compact modules' weights can be kept in a store: float16 halves their files. They run in float32 either way."""
+
+
+def rounded_weights(net: fx.GraphModule, weights_dtype: str, what: str = "a module") -> fx.GraphModule:
+    """A copy of `net` whose float32 weights hold values that `weights_dtype` represents exactly (still float32),
+    so that storing them in that dtype loses nothing; `net` itself when the dtype is float32."""
+    if weights_dtype not in WEIGHT_DTYPES:
+        raise CnnmodError(f"unknown weights dtype {weights_dtype!r}; choose from {', '.join(WEIGHT_DTYPES)}")
+    dtype = WEIGHT_DTYPES[weights_dtype]
+    if dtype == torch.float32:
+        return net
+    out = copy.deepcopy(net)
+    with torch.no_grad():
+        for name, tensor in (*out.named_parameters(), *out.named_buffers()):
+            if tensor.dtype == torch.float32:
+                stored = tensor.to(dtype)
+                if not bool(torch.isfinite(stored).all()) and bool(torch.isfinite(tensor).all()):
+                    raise CnnmodError(f"{name} of {what} has values beyond {weights_dtype}'s range "
+                                      f"(largest {float(tensor.abs().max()):.4g}); keep its weights as float32")
+                tensor.copy_(stored.to(torch.float32))
+    return out
+
+
 @dataclass(frozen=True)
 class SharedNet:
     """The shared engine of one parent's modules: `trunk` maps images to the union's features (B, F_union);
@@ -76,6 +100,8 @@ class CompactNets:
     """How the exact engine runs the modules' own layers: `grouped` (one grouped convolution per layer),
     `each` (one module after the other), or `auto` (grouped where a shared prefix leaves small tails, or on a
     GPU; measured in docs/RESULTS.md)."""
+    weights_dtype: str = "float32"
+    """How a store keeps these networks' weights (WEIGHT_DTYPES); with float16 they hold float16 values."""
     _runners: RunnerCache = field(default_factory=RunnerCache, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -83,6 +109,8 @@ class CompactNets:
             raise CnnmodError(f"unknown engine {self.engine!r}; choose from {', '.join(ENGINES)}")
         if self.engine == "shared" and self.shared is None:
             raise CnnmodError("these modules have no shared network; use the exact engine")
+        if self.weights_dtype not in WEIGHT_DTYPES:
+            raise CnnmodError(f"unknown weights dtype {self.weights_dtype!r}; choose from {', '.join(WEIGHT_DTYPES)}")
 
     def select(self, rows: Sequence[int]) -> CompactNets:
         return replace(self, keeps=tuple(self.keeps[r] for r in rows), nets=tuple(self.nets[r] for r in rows),
@@ -90,6 +118,16 @@ class CompactNets:
 
     def with_engine(self, engine: str) -> CompactNets:
         return replace(self, engine=engine)
+
+    def stored_as(self, weights_dtype: str) -> CompactNets:
+        """These modules with weights rounded to what `weights_dtype` holds, and kept in it by a store."""
+        if weights_dtype == self.weights_dtype:
+            return self
+        nets = tuple(rounded_weights(n, weights_dtype, f"module {i}") for i, n in enumerate(self.nets))
+        shared = self.shared
+        if shared is not None:
+            shared = replace(shared, trunk=rounded_weights(shared.trunk, weights_dtype, "the shared network"))
+        return replace(self, nets=nets, shared=shared, weights_dtype=weights_dtype)
 
     def head_columns(self, i: int) -> torch.Tensor:
         head = self.plan.head

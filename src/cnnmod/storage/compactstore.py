@@ -37,7 +37,7 @@ from ..engine.channels import (
     plan_head_features,
     split_at,
 )
-from ..engine.engines import CompactNets, SharedNet, common_prefix, union_keeps
+from ..engine.engines import WEIGHT_DTYPES, CompactNets, SharedNet, common_prefix, union_keeps
 from ..errors import StoreError
 from .fileio import atomic_save_safetensors, load_safetensors
 from .graphio import METADATA_KEY, graph_from_data, graph_to_data
@@ -46,6 +46,7 @@ KEEP_KEY = "cnnmod.keep"
 FINGERPRINT_KEY = "cnnmod.parent_fingerprint"  # the same key as the module files of cnnmod.storage.store
 INPUT_KEY = "cnnmod.input_shape"
 PREFIX_KEY = "cnnmod.prefix"  # {"file", "sha256"}: the prefix file (same folder) holding this network's first layers
+WEIGHTS_DTYPE_KEY = "cnnmod.weights_dtype"  # present when the weights are stored in a dtype other than float32
 PREFIX_FILE = "modules/prefix.net.safetensors"
 MAX_KEEP_BYTES = 16 << 20
 
@@ -63,16 +64,18 @@ class _Prefix:
 
 
 def save_network(path: Path, net: fx.GraphModule, keep: dict[int, torch.Tensor], fingerprint: str,
-                 input_shape: tuple[int, ...], prefix: _Prefix | None = None) -> str:
+                 input_shape: tuple[int, ...], prefix: _Prefix | None = None, weights_dtype: str = "float32") -> str:
     """Write one module network (graph as data, weights, kept channels, parent fingerprint); returns its sha256.
     With `prefix`, the weights equal to the prefix file's are left to that file, which the network names."""
     desc, tensors = graph_to_data(net)
+    tensors = _stored(tensors, weights_dtype, path)
     metadata = {
         METADATA_KEY: json.dumps(desc, allow_nan=False, separators=(",", ":")),
         KEEP_KEY: json.dumps({str(s): [int(c) for c in k.tolist()] for s, k in sorted(keep.items())},
                              separators=(",", ":")),
         FINGERPRINT_KEY: fingerprint,
         INPUT_KEY: json.dumps(list(input_shape)),
+        **_dtype_metadata(weights_dtype),
     }
     if prefix is not None:
         held = {k for k, v in tensors.items() if k in prefix.tensors and _same_tensor(v, prefix.tensors[k])}
@@ -86,11 +89,49 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
 
-def _save_prefix(folder: Path, net: fx.GraphModule, fingerprint: str) -> tuple[_Prefix, int]:
+def _stored(tensors: dict[str, torch.Tensor], weights_dtype: str, path: Path) -> dict[str, torch.Tensor]:
+    """The float32 tensors in `weights_dtype`. The networks' own weights already hold its values
+    (CompactNets.stored_as); a head calibrated since is rounded here, in this file only: the store runs the heads
+    of its mask files, kept in float32."""
+    dtype = WEIGHT_DTYPES[weights_dtype]
+    if dtype == torch.float32:
+        return tensors
+    out = {}
+    for name, tensor in tensors.items():
+        if tensor.dtype == torch.float32:
+            stored = tensor.to(dtype)
+            if not bool(torch.isfinite(stored).all()) and bool(torch.isfinite(tensor).all()):
+                raise StoreError(f"{path}: {name} has values beyond {weights_dtype}'s range; keep the modules' "
+                                 "weights as float32")
+            tensor = stored
+        out[name] = tensor
+    return out
+
+
+def _dtype_metadata(weights_dtype: str) -> dict[str, str]:
+    return {} if weights_dtype == "float32" else {WEIGHTS_DTYPE_KEY: weights_dtype}
+
+
+def _as_float32(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> dict[str, torch.Tensor]:
+    """A file's tensors as the networks run them: weights stored in a smaller float dtype, back in float32."""
+    name = metadata.get(WEIGHTS_DTYPE_KEY)
+    if name is None:
+        return tensors
+    if name not in WEIGHT_DTYPES:
+        raise StoreError(f"{path} stores its weights as {name!r}, which this cnnmod cannot read "
+                         f"({', '.join(WEIGHT_DTYPES)})")
+    dtype = WEIGHT_DTYPES[name]
+    return {k: v.to(torch.float32) if v.dtype == dtype else v for k, v in tensors.items()}
+
+
+def _save_prefix(folder: Path, net: fx.GraphModule, fingerprint: str, weights_dtype: str = "float32"
+                 ) -> tuple[_Prefix, int]:
     """Write the layers every module shares as a network of their own; returns it and its file's bytes."""
     desc, tensors = graph_to_data(net)
+    tensors = _stored(tensors, weights_dtype, folder / PREFIX_FILE)
     sha = atomic_save_safetensors(folder / PREFIX_FILE, tensors, {
-        METADATA_KEY: json.dumps(desc, allow_nan=False, separators=(",", ":")), FINGERPRINT_KEY: fingerprint})
+        METADATA_KEY: json.dumps(desc, allow_nan=False, separators=(",", ":")), FINGERPRINT_KEY: fingerprint,
+        **_dtype_metadata(weights_dtype)})
     return _Prefix(Path(PREFIX_FILE).name, sha, tensors), (folder / PREFIX_FILE).stat().st_size
 
 
@@ -109,7 +150,7 @@ def _prefix_tensors(path: Path, text: str) -> dict[str, torch.Tensor]:
     if not where.is_file():
         raise StoreError(f"{path} reads its first layers from {where}, which is missing: copy the module files "
                          "with the prefix file beside them")
-    return load_safetensors(where, sha)[0]
+    return _as_float32(*load_safetensors(where, sha), where)
 
 
 def load_module_network(path: Path | str, expected_sha256: str | None = None
@@ -118,6 +159,7 @@ def load_module_network(path: Path | str, expected_sha256: str | None = None
     (network, kept channels per space, parent fingerprint)."""
     path = Path(path)
     tensors, metadata = load_safetensors(path, expected_sha256)
+    tensors = _as_float32(tensors, metadata, path)
     text, keep_text = metadata.get(METADATA_KEY), metadata.get(KEEP_KEY)
     if text is None or keep_text is None or len(keep_text) > MAX_KEEP_BYTES:
         raise StoreError(f"{path} is not a compact module network (no graph or kept channels)")
@@ -152,23 +194,24 @@ def write_networks(folder: Path, modules: Any, entries: list[dict[str, Any]], fi
     parent = modules.parent
     shape = tuple(parent.model.input_shape)
     nets = compact.networks(modules.head_weight, modules.head_bias)
-    block: dict[str, Any] = {"engine": compact.engine, "shared": None, "prefix": None}
+    dtype = compact.weights_dtype
+    block: dict[str, Any] = {"engine": compact.engine, "shared": None, "prefix": None, "weights_dtype": dtype}
     cut = common_prefix(nets, shape)
     prefix = None
     if cut is not None:
-        prefix, size = _save_prefix(folder, split_at(nets[0], cut)[0], fingerprint)
+        prefix, size = _save_prefix(folder, split_at(nets[0], cut)[0], fingerprint, dtype)
         block["prefix"] = {"file": PREFIX_FILE, "sha256": prefix.sha256, "bytes": size, "cut": cut}
     for i, (net, keep, entry) in enumerate(zip(nets, compact.keeps, entries, strict=True)):
         name = f"modules/{i:04d}.net.safetensors"
         keep = {s: k for s, k in _sorted_keep(keep, compact.plan).items() if compact.plan.spaces[s].prunable}
-        sha = save_network(folder / name, net, keep, fingerprint, shape, prefix)
+        sha = save_network(folder / name, net, keep, fingerprint, shape, prefix, dtype)
         params, macs = network_cost(net, shape)
         entry["network"] = {"file": name, "sha256": sha, "parameters": params, "macs": macs,
                             "bytes": (folder / name).stat().st_size}
     if compact.shared is not None:
         name = "modules/shared.safetensors"
         keep = {s: k for s, k in compact.shared.union.items() if compact.plan.spaces[s].prunable}
-        sha = save_network(folder / name, compact.shared.trunk, keep, fingerprint, shape, prefix)
+        sha = save_network(folder / name, compact.shared.trunk, keep, fingerprint, shape, prefix, dtype)
         block["shared"] = {"file": name, "sha256": sha}
     return block
 
@@ -235,8 +278,12 @@ def load_networks(path: Path, manifest: dict[str, Any], modules: Any) -> Any:
             raise StoreError(f"{where} is not the parent's network sliced to the union of the modules' channels; "
                              "the store is damaged")
         shared = build_shared(plan, keeps, trunk)
+    dtype = block.get("weights_dtype", "float32")
+    if dtype not in WEIGHT_DTYPES:
+        raise StoreError(f"{path}/manifest.json: the modules' weights dtype {dtype!r} is not one of "
+                         f"{', '.join(WEIGHT_DTYPES)}; the file was edited or damaged")
     compact = CompactNets(plan, tuple(keeps), tuple(nets), shared, "exact", tuple(parent.model.input_shape),
-                          parent.model.graph)
+                          parent.model.graph, weights_dtype=dtype)
     if block.get("engine") == "shared" and shared is not None:
         compact = compact.with_engine("shared")
     return dataclasses.replace(modules, compact=compact)
@@ -290,7 +337,8 @@ def module_sizes(path: Path, manifest: dict[str, Any], modules: Any) -> tuple[di
         for entry in manifest["modules"]:
             net = entry["network"]
             mask_bytes = (path / entry["file"]).stat().st_size
-            rows.append({"standalone": True, "parameters": net["parameters"], "macs": net["macs"],
+            rows.append({"standalone": True, "weights_dtype": modules.compact.weights_dtype,
+                         "parameters": net["parameters"], "macs": net["macs"],
                          "file_bytes": net["bytes"], "file_bytes_with_prefix": net["bytes"] + prefix_bytes,
                          "prefix_file_bytes": prefix_bytes, "mask_file_bytes": mask_bytes})
     else:
