@@ -388,11 +388,9 @@ def test_modules_kept_as_float16_take_half_the_bytes_and_load_as_they_ran(parent
     assert all(p.dtype == torch.float32 for p in net.parameters())
     with torch.no_grad():
         assert torch.equal(net(torch.from_numpy(x)), half.logits(x)[:, 0])
-    again = save_store(tmp_path / "again", loaded)  # a loaded store saves as it was: the same tensors
+    again = save_store(tmp_path / "again", loaded)  # a loaded store saves as it was: the same files
     for m in manifest["modules"]:
-        first, second = (load_safetensors(s / m["network"]["file"]) for s in (p16, again))
-        assert first[1] == second[1] and first[0].keys() == second[0].keys()
-        assert all(torch.equal(first[0][k], second[0][k]) and first[0][k].dtype == torch.float16 for k in first[0])
+        assert sha256_file(again / m["network"]["file"]) == m["network"]["sha256"]
 
 
 def test_weights_beyond_float16s_range_are_refused_naming_the_tensor(parent) -> None:  # type: ignore[no-untyped-def]

@@ -120,3 +120,13 @@ def test_corrupt_file_is_store_error(tmp_path: Path, damage: str) -> None:
     path.write_bytes(data)
     with pytest.raises(StoreError, match="t.safetensors"):
         load_safetensors(path, None)
+
+
+def test_the_same_tensors_and_metadata_save_to_the_same_bytes(tmp_path: Path) -> None:
+    # safetensors writes metadata from a hash map: without sorting, the key order (and the sha256) changes by save
+    tensors = {"w": torch.arange(6.0).view(2, 3), "b": torch.ones(2, dtype=torch.float16)}
+    metadata = {f"cnnmod.key{i}": "é\n\"" * i for i in range(8)}
+    shas = {atomic_save_safetensors(tmp_path / f"{i}.safetensors", tensors, metadata) for i in range(10)}
+    assert len(shas) == 1
+    loaded, read = load_safetensors(tmp_path / "0.safetensors", shas.pop())
+    assert read == metadata and all(torch.equal(loaded[k], tensors[k]) for k in tensors)

@@ -58,6 +58,8 @@ def _inspect_store(path: Path, as_json: bool) -> None:
     conservative = m.config.get("conservative_ops") or []
     if conservative:  # recorded by the decomposition: no exact dependency pattern, all inputs kept
         lines.append(f"backtracked conservatively (every input kept): {', '.join(conservative)}")
+    if m.compact is not None:
+        lines.append(f"compact modules, each its own network; weights stored as {m.compact.weights_dtype}")
     lines.append(f"parent: {parent_size['parameters']} parameters, {parent_size['macs']} MACs per image, "
                  f"{parent_size['file_bytes']} bytes")
     lines += [f"  {c:20s} Jaccard {j:.4f}  parameters {s['parameters_fraction']:.1%}  MACs {s['macs_fraction']:.1%}  "

@@ -12,6 +12,10 @@ fine-tuned for all of them) are stored once, in the prefix file; a module's file
 and names the prefix file by name and sha256. Ten ResNet-20 modules then take 0.24 + 10 x 0.07 of the parent's
 bytes instead of 10 x 0.31.
 
+With `decompose --weights-dtype float16` these files keep float16 weights (the metadata key
+`cnnmod.weights_dtype` says so), half the bytes; the modules were rounded to float16 values when they were made
+(CompactNets.stored_as), and they load back as float32 networks that run exactly what was measured.
+
 A module's network file (with the prefix file it names, beside it) is loadable and runnable without the
 parent's weights (`load_module_network`). Loading a store checks more: the network must be exactly the parent's
 graph sliced to the kept channels it names (only weights may differ), so a file from another parent or another

@@ -8,6 +8,7 @@ old file as it was.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -137,8 +138,24 @@ def atomic_save_safetensors(
 
     def write(tmp: Path) -> None:
         safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
+        if metadata is not None and len(metadata) > 1:
+            _sort_metadata(tmp)
 
     return _write_with(path, write)
+
+
+def _sort_metadata(path: Path) -> None:
+    """Put the header's metadata in key order, in place: safetensors writes it from a hash map, so the same
+    tensors and metadata would otherwise give files (and sha256s) that differ from one save to the next. The
+    header keeps its length (the same JSON in another order), so the tensors' bytes do not move."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        ordered = {"__metadata__": dict(sorted(header.pop("__metadata__").items())), **header}
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) <= size:  # always, unless safetensors changes how it writes JSON: then keep its file
+            f.seek(8)
+            f.write(text.ljust(size, b" "))
 
 
 def load_safetensors(
