@@ -274,9 +274,13 @@ def test_decompose_compact_evaluate_and_inspect_through_the_cli(cnnmod_cli, tiny
     made = ok_json(cnnmod_cli("decompose", tiny_model, "--data", tiny_data, "--out", store, "--method", "compact",
                               "--train-images", 64, "--json"))
     assert 0 < made["kept_parameters_mean"] < 0.5
+    assert made["weights_dtype"] == "float16"  # the default
     cost = made["cost"]
     assert cost["fine_tune_images"] == 64 and cost["energy"]["kwh"] > 0
     assert cost["parent_training"]["epochs"] == 200 and cost["fraction_of_parent_training_energy"] > 0
+    epoch = cost["parent_training"]
+    assert epoch["measure"] == "one whole epoch" and epoch["measured_images"] == epoch["epoch_images"] > 0
+    assert cost["parent_training"]["kwh"] == pytest.approx(200 * epoch["epoch_kwh"])
     result = ok_json(cnnmod_cli("evaluate", store, "--data", tiny_data, "--json"))
     assert result["engine"] == "exact" and set(result["engines"]) == {"exact"}
     assert result["kept_parameters_mean"] == pytest.approx(made["kept_parameters_mean"])
@@ -423,8 +427,9 @@ def test_decompose_keeps_compact_weights_as_float16_when_asked(cnnmod_cli, tiny_
     for dtype in ("float32", "float16"):
         made[dtype] = ok_json(cnnmod_cli("decompose", tiny_model, "--data", tiny_data, "--out", tmp_path / dtype,
                                          "--method", "compact", "--train-images", 32, "--weights-dtype", dtype,
-                                         "--json"))
+                                         "--training-epoch", "steps", "--json"))
         assert made[dtype]["weights_dtype"] == dtype
+        assert made[dtype]["cost"]["parent_training"]["measure"] == "median of 10 steps"
     shown = {d: ok_json(cnnmod_cli("inspect", tmp_path / d, "--json"))["modules"] for d in made}
     for full, half in zip(shown["float32"], shown["float16"], strict=True):
         assert half["weights_dtype"] == "float16" and half["parameters"] == full["parameters"]
@@ -440,6 +445,7 @@ def test_decompose_keeps_compact_weights_as_float16_when_asked(cnnmod_cli, tiny_
 
 @pytest.mark.parametrize("method, option, value", [("paper", "--train-images", "10"),
                                                     ("paper", "--weights-dtype", "float16"),
+                                                    ("paper", "--training-epoch", "steps"),
                                                     ("compact", "--rho", "0.1"),
                                                     ("compact", "--samples-per-class", "5")])
 def test_an_option_of_the_other_method_is_refused_not_ignored(cnnmod_cli, tiny_model: Path, tiny_data: Path,  # type: ignore[no-untyped-def]

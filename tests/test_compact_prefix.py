@@ -17,6 +17,7 @@ from cnnmod.engine import compact as compact_module
 from cnnmod.engine.channels import split_at
 from cnnmod.engine.compact import CompactConfig, choose_cut, compact_decompose, prefix_spaces
 from cnnmod.engine.engines import common_prefix
+from cnnmod.errors import CnnmodError
 from cnnmod.storage.models_in import ModelSource, open_model
 from cnnmod.storage.store import load_store
 from fixtures.cli import ok_json
@@ -176,8 +177,10 @@ def test_the_training_epoch_estimate_is_the_median_step_so_one_slow_step_does_no
     from cnnmod.workflows import train
 
     parent, data = parent_and_data
-    quiet = compact_module.training_epoch_estimate(parent, data.train.images, data.train.labels, steps=5, batch_size=8)
+    quiet = compact_module.training_epoch_cost(parent, data.train.images, data.train.labels, "steps", steps=5,
+                                               batch_size=8)
     assert quiet["epoch_images"] == len(data.train.images) and quiet["measured_images"] == 40
+    assert quiet["measure"] == "median of 5 steps"
     calls = []
     real = train.augment_batch
 
@@ -190,7 +193,39 @@ def test_the_training_epoch_estimate_is_the_median_step_so_one_slow_step_does_no
         return real(*args, **kwargs)
 
     monkeypatch.setattr(train, "augment_batch", one_slow_step)
-    slowed = compact_module.training_epoch_estimate(parent, data.train.images, data.train.labels, steps=5,
-                                                    batch_size=8)
+    slowed = compact_module.training_epoch_cost(parent, data.train.images, data.train.labels, "steps", steps=5,
+                                                batch_size=8)
     steps_per_epoch = len(data.train.images) / 8
     assert slowed["epoch_seconds"] < quiet["epoch_seconds"] + 0.1 * steps_per_epoch  # the mean would add 0.2
+
+
+def test_a_whole_training_epoch_is_measured_image_by_image_and_leaves_the_parent_as_it_was(parent_and_data) -> None:  # type: ignore[no-untyped-def]
+    parent, data = parent_and_data
+    before = {k: v.clone() for k, v in parent.model.graph.state_dict().items()}
+    n = len(data.train.images)
+    batch = 7 if n % 7 != 1 else 6  # a last, shorter batch
+    seen: list[tuple[int, int]] = []
+    epoch = compact_module.training_epoch_cost(parent, data.train.images, data.train.labels, batch_size=batch,
+                                               progress=lambda done, total: seen.append((done, total)))
+    assert epoch["measure"] == "one whole epoch"
+    assert epoch["measured_images"] == epoch["epoch_images"] == n
+    assert len(seen) == -(-n // batch) and seen[-1] == (n, n)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    assert epoch["epoch_seconds"] > 0 and epoch["epoch_kwh"] > 0
+    after = parent.model.graph.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_a_last_batch_of_one_image_is_left_out_of_the_measured_epoch(parent_and_data) -> None:  # type: ignore[no-untyped-def]
+    parent, data = parent_and_data
+    images, labels = data.train.images[:17], data.train.labels[:17]
+    epoch = compact_module.training_epoch_cost(parent, images, labels, batch_size=8)
+    assert epoch["measured_images"] == 16 and epoch["epoch_images"] == 17
+
+
+def test_an_unknown_training_epoch_measure_or_too_few_images_is_refused(parent_and_data) -> None:  # type: ignore[no-untyped-def]
+    parent, data = parent_and_data
+    with pytest.raises(CnnmodError, match="unknown training-epoch measure 'minutes'"):
+        compact_module.training_epoch_cost(parent, data.train.images, data.train.labels, "minutes")
+    with pytest.raises(CnnmodError, match="at least 2 training images"):
+        compact_module.training_epoch_cost(parent, data.train.images[:1], data.train.labels[:1])

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from ..engine.compact import TRAINING_EPOCH_MEASURES
 from ..engine.decompose import (
     GRANULARITIES,
     VARIANTS,
@@ -72,9 +73,15 @@ from .shards import open_dataset_once, total_energy
 @click.option("--train-images", type=click.IntRange(min=0), default=None,
               help="compact: training images of the joint fine-tune (0: none) [default: 300000, or 100000 with "
                    "--prefix-keep below 1].")
-@click.option("--weights-dtype", type=click.Choice(list(WEIGHT_DTYPES)), default="float32", show_default=True,
-              help="compact: how the store keeps the modules' weights. float16 halves the module files; the modules "
-                   "are rounded to it when made, so the store runs exactly what was measured, in float32.")
+@click.option("--weights-dtype", type=click.Choice(list(WEIGHT_DTYPES)), default="float16", show_default=True,
+              help="compact: how the store keeps the modules' weights. float16 takes half the bytes of float32 at "
+                   "the same accuracy (docs/RESULTS.md); the modules are rounded to it when made, so the store runs "
+                   "exactly what was measured, in float32. float32 keeps the fine-tuned weights unrounded.")
+@click.option("--training-epoch", type=click.Choice(TRAINING_EPOCH_MEASURES), default="epoch", show_default=True,
+              help="compact: how the store's cost record finds the energy of one training epoch of the parent, "
+                   "which times 200 is what the modules' energy is compared with. epoch: one whole epoch on the "
+                   "training images, measured (ResNet-20 on CIFAR-10: about 2 minutes on 2 cores); steps: the "
+                   "median of ten steps times the steps of an epoch, a quick estimate.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @device_option
 @json_option
@@ -83,8 +90,8 @@ def decompose(model: ModelSource, data_path: Path, data_format: str | None, clas
               out: Path, samples_per_class: int, tangling_ratio: float, rho: float, granularity: str,
               variant: str, sites: str, delta: float, seed: int, batch_size: int, classes_per_pass: int | None,
               keep_activity: bool, method: str, stream_keep: float | None, inner_keep: float | None,
-              prefix_keep: float, train_images: int | None, weights_dtype: str, overwrite: bool, device: str | None,
-              as_json: bool) -> None:
+              prefix_keep: float, train_images: int | None, weights_dtype: str, training_epoch: str,
+              overwrite: bool, device: str | None, as_json: bool) -> None:
     """Decompose MODEL into one module per class using the training split of --data.
 
     Under `torchrun --nproc-per-node N -m cnnmod decompose ...` the N processes share the samples and sum their
@@ -96,7 +103,7 @@ def decompose(model: ModelSource, data_path: Path, data_format: str | None, clas
         one_process_only("--method compact")
         return decompose_compact(model, data_path, data_format, split_classes(classes), out,
                                  compact_config(stream_keep, inner_keep, train_images, seed, prefix_keep),
-                                 weights_dtype, overwrite, device, as_json)
+                                 weights_dtype, training_epoch, overwrite, device, as_json)
     config = DecomposeConfig(samples_per_class, tangling_ratio, rho, granularity, variant, sites, delta, seed)
     with joined(device) as (shard, device):
         shard.first(lambda: check_output(out, "store", overwrite))
@@ -143,7 +150,7 @@ def decompose(model: ModelSource, data_path: Path, data_format: str | None, clas
 _METHOD_OPTIONS = {
     "paper": ("samples_per_class", "tangling_ratio", "rho", "granularity", "variant", "sites", "delta",
               "batch_size", "classes_per_pass", "keep_activity"),
-    "compact": ("stream_keep", "inner_keep", "prefix_keep", "train_images", "weights_dtype"),
+    "compact": ("stream_keep", "inner_keep", "prefix_keep", "train_images", "weights_dtype", "training_epoch"),
 }
 
 

@@ -7,10 +7,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import click
+import numpy as np
 from tqdm.auto import tqdm
 
-from ..engine.compact import CompactConfig, compact_decompose, cost_record, module_set, training_epoch_estimate
-from ..engine.modules import resolve_device
+from ..engine.compact import CompactConfig, compact_decompose, cost_record, module_set, training_epoch_cost
+from ..engine.modules import Parent, resolve_device
 from ..progress import show_progress
 from ..storage.outputs import check_output
 from ..storage.store import save_store
@@ -31,8 +32,8 @@ def compact_config(stream_keep: float | None, inner_keep: float | None, train_im
 
 
 def decompose_compact(model: ModelSource, data_path: Path, data_format: str | None, chosen: list[str] | None,
-                      out: Path, config: CompactConfig, weights_dtype: str, overwrite: bool, device: str | None,
-                      as_json: bool) -> None:
+                      out: Path, config: CompactConfig, weights_dtype: str, training_epoch: str, overwrite: bool,
+                      device: str | None, as_json: bool) -> None:
     check_output(out, "store", overwrite)
     if resolve_device(device).type != "cpu":
         click.echo("note: --method compact runs on the CPU", err=True)
@@ -54,7 +55,7 @@ def decompose_compact(model: ModelSource, data_path: Path, data_format: str | No
         result = compact_decompose(parent, images, labels, config, classes, progress)
     bar.close()
     seconds = time.perf_counter() - start
-    epoch = training_epoch_estimate(parent, images, labels, seed=config.seed)
+    epoch = _training_epoch(parent, images, labels, training_epoch, config.seed, as_json)
     cost = cost_record(result.cost, meter.report.to_json(), epoch)
     modules = module_set(parent, result.plan, list(result.keeps), list(result.nets), classes,
                          config.to_json(), None, "exact", weights_dtype)
@@ -76,6 +77,22 @@ def decompose_compact(model: ModelSource, data_path: Path, data_format: str | No
          f"wrote {out}: {len(modules)} compact modules of {parent.arch} in {seconds:.1f}s; each keeps "
          f"{kept:.1%} of the parent's parameters on average\ncost: {cost['images_seen']} images seen, "
          f"{cost['energy']['kwh']:.6f} kWh = {share:.2%} of training the parent for 200 epochs "
-         f"({cost['parent_training']['kwh']:.4f} kWh, estimated from {epoch['measured_images']} training images)\n"
+         f"({cost['parent_training']['kwh']:.4f} kWh: {epoch['measure']} measured, {epoch['measured_images']} "
+         f"training images)\n"
          f"input: {describe_spec(parent.input_spec)}",
          meter.report)
+
+
+def _training_epoch(parent: Parent, images: np.ndarray, labels: np.ndarray, measure: str, seed: int,
+                    as_json: bool) -> dict:
+    """What one training epoch of the parent costs, with a progress bar over a whole measured epoch."""
+    bar = tqdm(total=len(images), desc="measuring a training epoch", unit="img",
+               disable=not show_progress(not as_json) or measure != "epoch", leave=False)
+
+    def progress(done: int, total: int) -> None:
+        bar.update(done - bar.n)
+
+    try:
+        return training_epoch_cost(parent, images, labels, measure, seed=seed, progress=progress)
+    finally:
+        bar.close()

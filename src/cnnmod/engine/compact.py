@@ -656,16 +656,29 @@ def stored_as(modules: ModuleSet, weights_dtype: str) -> ModuleSet:
                    head_bias=modules.head_bias.to(dtype).to(torch.float32))
 
 
-def training_epoch_estimate(parent: Parent, images: np.ndarray, labels: np.ndarray, steps: int = 10,
-                            batch_size: int = 128, seed: int = 0) -> dict:
-    """Time and energy of one training epoch of the parent's architecture on `images`, measured with the same
-    meter as everything else on `steps` SGD steps of `batch_size` (after two warm-up steps): the median step,
-    times the steps of an epoch (the median, so that a step slowed by something else on the machine does not
-    move it). The zoo architecture (with BatchNorm) trains where the parent is a zoo model; otherwise the folded
-    graph does, which is a little cheaper than training the original."""
+TRAINING_EPOCH_MEASURES = ("epoch", "steps")
+
+
+def training_epoch_cost(parent: Parent, images: np.ndarray, labels: np.ndarray, measure: str = "epoch",
+                        steps: int = 10, batch_size: int = 128, seed: int = 0,
+                        progress: Callable[[int, int], None] | None = None) -> dict:
+    """Time and energy of one training epoch of the parent's architecture on `images` (SGD with momentum,
+    `batch_size`, the training augmentation), measured with the same meter as everything else, after two
+    warm-up steps.
+
+    `measure="epoch"` trains one whole epoch, every image once, and measures it. `measure="steps"` measures
+    `steps` steps and takes the median step times the steps of an epoch: a quick estimate, and the median so that
+    a step slowed by something else on the machine does not move it. The zoo architecture (with BatchNorm) trains
+    where the parent is a zoo model; otherwise the folded graph does, which is a little cheaper than training the
+    original. `progress(images_done, images_total)` follows a whole epoch."""
     from ..workflows.energy import EnergyMeter
     from ..workflows.train import augment_batch, crop_padding
 
+    if measure not in TRAINING_EPOCH_MEASURES:
+        raise CnnmodError(f"unknown training-epoch measure {measure!r}; expected one of "
+                          f"{', '.join(TRAINING_EPOCH_MEASURES)}")
+    if len(images) < 2:
+        raise CnnmodError("a training epoch needs at least 2 training images")
     model: nn.Module
     try:
         from ..zoo import create_model, list_models
@@ -684,9 +697,9 @@ def training_epoch_estimate(parent: Parent, images: np.ndarray, labels: np.ndarr
     generator = torch.Generator().manual_seed(seed)
     pad = crop_padding(*parent.input_spec.size, parent.input_spec.channels)
     rng = np.random.default_rng(seed)
+    batch = min(batch_size, len(images))
 
-    def step() -> None:
-        pick = rng.choice(len(images), size=min(batch_size, len(images)), replace=False)
+    def step(pick: np.ndarray) -> None:
         x = torch.from_numpy(np.ascontiguousarray(images[pick])).permute(0, 3, 1, 2).float().div_(255.0)
         x = parent.input_spec.prepare(augment_batch(x, pad, generator))
         loss = F.cross_entropy(model(x), torch.as_tensor(labels[pick], dtype=torch.long))
@@ -694,16 +707,35 @@ def training_epoch_estimate(parent: Parent, images: np.ndarray, labels: np.ndarr
         loss.backward()
         opt.step()
 
+    def random_batch() -> np.ndarray:
+        return rng.choice(len(images), size=batch, replace=False)
+
     with torch.random.fork_rng(devices=[]):
-        step()
-        step()
+        step(random_batch())
+        step(random_batch())
         with EnergyMeter() as meter:
-            for i in range(steps):
-                with meter.step(f"step {i}"):
-                    step()
+            if measure == "epoch":
+                order = rng.permutation(len(images))
+                # a last batch of one image is dropped, as training does (BatchNorm cannot train on one)
+                batches = [b for b in np.array_split(order, range(batch, len(order), batch)) if len(b) > 1]
+                done = 0
+                for pick in batches:
+                    step(pick)
+                    done += len(pick)
+                    if progress is not None:
+                        progress(done, len(images))
+            else:
+                for i in range(steps):
+                    with meter.step(f"step {i}"):
+                        step(random_batch())
+    if measure == "epoch":
+        report = meter.report
+        return {"architecture": what, "measure": "one whole epoch", "measured_images": done,
+                "epoch_images": int(len(images)), "epoch_seconds": report.seconds, "epoch_kwh": report.kwh,
+                "method": report.method}
     per_step = list(meter.steps.values())
-    scale = len(images) / min(batch_size, len(images))  # steps per epoch
-    return {"architecture": what, "measured_images": steps * min(batch_size, len(images)),
+    scale = len(images) / batch  # steps per epoch
+    return {"architecture": what, "measure": f"median of {steps} steps", "measured_images": steps * batch,
             "epoch_images": int(len(images)), "epoch_seconds": statistics.median(r.seconds for r in per_step) * scale,
             "epoch_kwh": statistics.median(r.kwh for r in per_step) * scale, "method": meter.report.method}
 
