@@ -287,6 +287,11 @@ def test_decompose_compact_evaluate_and_inspect_through_the_cli(cnnmod_cli, tiny
     assert set(result["seconds"]) >= {"parent", "composed"}
     assert result["composed"]["top1"] == result["engines"]["exact"]["top1"]
     shown = ok_json(cnnmod_cli("inspect", store, "--json"))
+    assert shown["provenance"]["cost"] == cost
+    text = cnnmod_cli("inspect", store).stdout
+    assert f"cost: {cost['images_seen']} images seen" in text
+    assert f"= {cost['fraction_of_parent_training_energy']:.2%} of training the parent for 200 epochs" in text
+    assert "training epoch measured as one whole epoch" in text
     module = shown["modules"][0]
     assert module["standalone"] and 0 < module["parameters_fraction"] < 0.5 and 0 < module["macs_fraction"] < 1
     assert 0 < module["file_bytes_fraction"] < 1

@@ -60,12 +60,27 @@ def _inspect_store(path: Path, as_json: bool) -> None:
         lines.append(f"backtracked conservatively (every input kept): {', '.join(conservative)}")
     if m.compact is not None:
         lines.append(f"compact modules, each its own network; weights stored as {m.compact.weights_dtype}")
+    if isinstance(store.provenance.get("cost"), dict):
+        lines.append(_cost_line(store.provenance["cost"]))
     lines.append(f"parent: {parent_size['parameters']} parameters, {parent_size['macs']} MACs per image, "
                  f"{parent_size['file_bytes']} bytes")
     lines += [f"  {c:20s} Jaccard {j:.4f}  parameters {s['parameters_fraction']:.1%}  MACs {s['macs_fraction']:.1%}  "
               f"file {s['file_bytes_fraction']:.1%}{_file_note(s)}"
               for c, j, s in zip(m.class_names, jaccard, sizes, strict=True)]
     emit(as_json, payload, "\n".join(lines))
+
+
+def _cost_line(cost: dict) -> str:
+    """What making the modules cost, next to training the parent (the store's record of a compact decomposition)."""
+    training = cost.get("parent_training", {})
+    share = cost.get("fraction_of_parent_training_energy")
+    measured = training.get("measure", "a median step")  # older stores estimated the epoch from ten steps
+    line = (f"cost: {cost.get('images_seen', 0)} images seen, {cost.get('seconds', 0.0):.0f} s, "
+            f"{cost.get('energy', {}).get('kwh', 0.0):.6f} kWh")
+    if share is None:
+        return line
+    return (f"{line} = {share:.2%} of training the parent for {training.get('epochs')} epochs "
+            f"({training.get('kwh', 0.0):.4f} kWh; training epoch measured as {measured})")
 
 
 def _file_note(size: dict) -> str:
