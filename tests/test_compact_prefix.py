@@ -229,3 +229,5 @@ def test_an_unknown_training_epoch_measure_or_too_few_images_is_refused(parent_a
         compact_module.training_epoch_cost(parent, data.train.images, data.train.labels, "minutes")
     with pytest.raises(CnnmodError, match="at least 2 training images"):
         compact_module.training_epoch_cost(parent, data.train.images[:1], data.train.labels[:1])
+    with pytest.raises(CnnmodError, match="got 0 steps of 128"):
+        compact_module.training_epoch_cost(parent, data.train.images, data.train.labels, "steps", steps=0)

@@ -679,6 +679,9 @@ def training_epoch_cost(parent: Parent, images: np.ndarray, labels: np.ndarray, 
                           f"{', '.join(TRAINING_EPOCH_MEASURES)}")
     if len(images) < 2:
         raise CnnmodError("a training epoch needs at least 2 training images")
+    if steps < 1 or batch_size < 2:
+        raise CnnmodError(f"a training epoch is measured on at least 1 step of at least 2 images; got {steps} "
+                          f"steps of {batch_size}")
     model: nn.Module
     try:
         from ..zoo import create_model, list_models
