@@ -672,7 +672,7 @@ def training_epoch_cost(parent: Parent, images: np.ndarray, labels: np.ndarray, 
     where the parent is a zoo model; otherwise the folded graph does, which is a little cheaper than training the
     original. `progress(images_done, images_total)` follows a whole epoch."""
     from ..workflows.energy import EnergyMeter
-    from ..workflows.train import augment_batch, crop_padding
+    from ..workflows.train import augment_batch, batches, crop_padding
 
     if measure not in TRAINING_EPOCH_MEASURES:
         raise CnnmodError(f"unknown training-epoch measure {measure!r}; expected one of "
@@ -719,10 +719,10 @@ def training_epoch_cost(parent: Parent, images: np.ndarray, labels: np.ndarray, 
         with EnergyMeter() as meter:
             if measure == "epoch":
                 order = rng.permutation(len(images))
-                # a last batch of one image is dropped, as training does (BatchNorm cannot train on one)
-                batches = [b for b in np.array_split(order, range(batch, len(order), batch)) if len(b) > 1]
                 done = 0
-                for pick in batches:
+                for pick in batches(order, batch):
+                    if len(pick) < 2:  # dropped, as training drops it (BatchNorm cannot train on one image)
+                        continue
                     step(pick)
                     done += len(pick)
                     if progress is not None:

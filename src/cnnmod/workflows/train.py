@@ -94,7 +94,7 @@ def _to_unit_float(images: np.ndarray, device: torch.device) -> torch.Tensor:
     return x.permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def _batches(indices: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+def batches(indices: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
     for start in range(0, len(indices), batch_size):
         yield indices[start:start + batch_size]
 
@@ -105,7 +105,7 @@ def _accuracy(model: nn.Module, data: LabelledImages, indices: np.ndarray, input
     if len(indices) == 0:
         return float("nan")
     correct = 0
-    for idx in _batches(indices, batch_size):
+    for idx in batches(indices, batch_size):
         x = input_spec.prepare(_to_unit_float(data.images[idx], device), device)
         y = torch.from_numpy(np.asarray(data.labels[idx], dtype=np.int64)).to(device)
         correct += int((model(x).argmax(1) == y).sum())
@@ -181,7 +181,7 @@ def train_model(
             [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=lr, momentum=0.9, nesterov=True,
         )
-        steps_per_epoch = sum(1 for b in _batches(train_idx, batch_size) if len(b) > 1)
+        steps_per_epoch = sum(1 for b in batches(train_idx, batch_size) if len(b) > 1)
         total = max(1, epochs * steps_per_epoch)
         warmup = max(1, min(steps_per_epoch, total // 10))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, total, warmup))
@@ -199,7 +199,7 @@ def train_model(
             bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{epochs}", file=sys.stderr,
                        disable=not show_progress(progress), leave=False, dynamic_ncols=True)
             try:
-                for idx in _batches(order, batch_size):
+                for idx in batches(order, batch_size):
                     if len(idx) < 2:  # BatchNorm cannot train on a single image
                         continue
                     x = _to_unit_float(data.images[idx], dev)
