@@ -71,16 +71,30 @@ def _inspect_store(path: Path, as_json: bool) -> None:
 
 
 def _cost_line(cost: dict) -> str:
-    """What making the modules cost, next to training the parent (the store's record of a compact decomposition)."""
+    """What making the modules cost, next to training the parent (the store's record of a compact decomposition).
+
+    The record is free-form provenance that a person may have edited: a field of the wrong type is named in the line
+    instead of failing the whole description."""
     training = cost.get("parent_training", {})
-    share = cost.get("fraction_of_parent_training_energy")
+    if not isinstance(training, dict):
+        return "cost: not shown (provenance.cost.parent_training is not a table)"
+    fields = {"images_seen": cost.get("images_seen", 0), "seconds": cost.get("seconds", 0.0),
+              "energy.kwh": cost.get("energy", {}).get("kwh", 0.0) if isinstance(cost.get("energy", {}), dict)
+              else None,
+              "fraction_of_parent_training_energy": cost.get("fraction_of_parent_training_energy"),
+              "parent_training.kwh": training.get("kwh", 0.0)}
+    for name, value in fields.items():
+        optional = name == "fraction_of_parent_training_energy" and value is None
+        if not optional and (isinstance(value, bool) or not isinstance(value, int | float)):
+            return f"cost: not shown (provenance.cost.{name} is {value!r}, not a number)"
     measured = training.get("measure", "a median step")  # older stores estimated the epoch from ten steps
-    line = (f"cost: {cost.get('images_seen', 0)} images seen, {cost.get('seconds', 0.0):.0f} s, "
-            f"{cost.get('energy', {}).get('kwh', 0.0):.6f} kWh")
+    line = (f"cost: {fields['images_seen']} images seen, {fields['seconds']:.0f} s, "
+            f"{fields['energy.kwh']:.6f} kWh")
+    share = fields["fraction_of_parent_training_energy"]
     if share is None:
         return line
     return (f"{line} = {share:.2%} of training the parent for {training.get('epochs')} epochs "
-            f"({training.get('kwh', 0.0):.4f} kWh; training epoch measured as {measured})")
+            f"({fields['parent_training.kwh']:.4f} kWh; training epoch measured as {measured})")
 
 
 def _file_note(size: dict) -> str:
