@@ -45,10 +45,17 @@ def decompose_compact(model: ModelSource, data_path: Path, data_format: str | No
     classes = [parent.class_index(c) for c in chosen] if chosen else list(range(parent.num_classes))
     bar = tqdm(total=config.train_images, desc="fine-tuning", unit="img", disable=not show_progress(not as_json),
                leave=False)
+    descriptions = {"prefix cache": "computing the frozen prefix", "fine-tune": "fine-tuning"}
+    shown = ["fine-tune"]
 
     def progress(stage: str, seen: int, total: int, loss: float) -> None:
+        if shown[-1] != stage:
+            shown.append(stage)
+            bar.reset(total=total)
+            bar.set_description_str(descriptions[stage])
         bar.update(seen - bar.n)
-        bar.set_postfix(loss=f"{loss:.3f}")
+        if loss == loss:  # NaN while no loss is computed
+            bar.set_postfix(loss=f"{loss:.3f}")
 
     start = time.perf_counter()
     with EnergyMeter() as meter:

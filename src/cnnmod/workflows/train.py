@@ -72,14 +72,16 @@ def crop_padding(height: int, width: int, channels: int) -> int:
     return max(1, round(side * (4 / 32 if channels >= 3 else 2 / 28)))
 
 
-def augment_batch(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Random crop with zero padding and random horizontal flip of a float NCHW batch, all samples at once.
+def augment_batch(x: torch.Tensor, padding: int, generator: torch.Generator, flips: bool = True) -> torch.Tensor:
+    """Random crop with zero padding and (with `flips`) random horizontal flip of a float NCHW batch, all samples
+    at once.
 
     Random numbers come from ``generator`` (a CPU generator) so results do not depend on the device.
     """
     n, _, h, w = x.shape
     offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator).to(x.device)
-    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device) if flips else torch.zeros(n, dtype=torch.bool,
+                                                                                           device=x.device)
     padded = F.pad(x, (padding, padding, padding, padding)).permute(0, 2, 3, 1)  # N, H+2p, W+2p, C
     rows = offsets[0][:, None] + torch.arange(h, device=x.device)  # N, H
     cols = offsets[1][:, None] + torch.arange(w, device=x.device)  # N, W
