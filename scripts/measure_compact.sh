@@ -17,6 +17,8 @@ run cnnmod evaluate stores/r20-compact --data $C10 --json > $W/evaluate.json
 run cnnmod inspect stores/r20-compact --json > $W/inspect.json
 run python benchmarks/compose_cost.py --method compact --store stores/r20-compact > $W/compose_cost.txt
 run python benchmarks/compose_cost.py --method compact --limit 2000 > $W/compose_cost_shapes.txt
+# the fine-tune with its prefix cache against without, side by side on 5,000 training images
+run python benchmarks/compact_prefix_cache.py > $W/prefix_cache.txt
 # the same modules kept as float32 (twice the file bytes; the same fine-tune, unrounded)
 run cnnmod decompose $R20 --arch resnet20 --data $C10 --out stores/r20-compact-f32 --method compact \
   --weights-dtype float32 --overwrite --json > $W/decompose-f32.json

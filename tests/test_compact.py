@@ -294,12 +294,12 @@ def test_decompose_compact_evaluate_and_inspect_through_the_cli(cnnmod_cli, tiny
     assert f"= {cost['fraction_of_parent_training_energy']:.2%} of training the parent for 200 epochs" in text
     assert "training epoch measured as one whole epoch" in text
     manifest = json.loads((store / "manifest.json").read_text())
-    for field, edit in (("seconds", "soon"), ("energy", {"kwh": [1]}), ("parent_training", 3)):
+    for field, edit in (("seconds", "soon"), ("energy", {"kwh": [1]}), ("parent_training", 3), ("energy", "x")):
         edited = copy.deepcopy(manifest)
         edited["provenance"]["cost"][field] = edit
         (store / "manifest.json").write_text(json.dumps(edited))
         shown_edited = cnnmod_cli("inspect", store)  # a hand-edited record is named, not a traceback
-        named = "parent_training" if field == "parent_training" else f"{field}{'.kwh' * (field == 'energy')}"
+        named = f"{field}.kwh" if isinstance(edit, dict) else field
         assert shown_edited.exit_code == 0 and f"cost: not shown (provenance.cost.{named} is" in shown_edited.stdout
     (store / "manifest.json").write_text(json.dumps(manifest))
     module = shown["modules"][0]

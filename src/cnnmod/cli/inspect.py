@@ -75,12 +75,12 @@ def _cost_line(cost: dict) -> str:
 
     The record is free-form provenance that a person may have edited: a field of the wrong type is named in the line
     instead of failing the whole description."""
-    training = cost.get("parent_training", {})
-    if not isinstance(training, dict):
-        return "cost: not shown (provenance.cost.parent_training is not a table)"
+    training, energy = cost.get("parent_training", {}), cost.get("energy", {})
+    for name, table in (("parent_training", training), ("energy", energy)):
+        if not isinstance(table, dict):
+            return f"cost: not shown (provenance.cost.{name} is {table!r}, not a table)"
     fields = {"images_seen": cost.get("images_seen", 0), "seconds": cost.get("seconds", 0.0),
-              "energy.kwh": cost.get("energy", {}).get("kwh", 0.0) if isinstance(cost.get("energy", {}), dict)
-              else None,
+              "energy.kwh": energy.get("kwh", 0.0),
               "fraction_of_parent_training_energy": cost.get("fraction_of_parent_training_energy"),
               "parent_training.kwh": training.get("kwh", 0.0)}
     for name, value in fields.items():
