@@ -2,7 +2,7 @@
 
     python benchmarks/compact_prefix_cache.py [--images 5000] [--train-images 20000] [--repeats 1]
 
-Decomposes the shared ResNet-20 into compact modules from the first --images CIFAR-10 training images, with a
+Decomposes the shared ResNet-20 into compact modules from --images CIFAR-10 training images drawn at random, with a
 fine-tune of --train-images images (at least 4x --images, so that the cache is used), once with
 `cache_prefix=False` (the baseline) and once with the cache, interleaved. The cached run computes the prefix of
 every image and its mirror once, then runs only the layers after the cut at each step. Last line:
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
+import numpy as np
 from common import resnet20_and_cifar10, side_by_side
 
 from cnnmod.engine.compact import CompactConfig, compact_decompose
@@ -30,7 +31,8 @@ def main() -> None:
         ap.error("--train-images must be at least 4x --images for the cache to be used")
     parent, data = resnet20_and_cifar10()
     images, labels = parent_labels(parent, data.train)
-    images, labels = images[:args.images], labels[:args.images]
+    subset = np.random.default_rng(0).permutation(len(images))[:args.images]  # the data is sorted by class
+    images, labels = images[subset], labels[subset]
     cached = CompactConfig(train_images=args.train_images)
     costs = {}
 
