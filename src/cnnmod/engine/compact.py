@@ -498,7 +498,7 @@ def _fine_tune(parent: Parent, trunk: nn.Module, nets: Sequence[nn.Module], imag
     position = torch.full((parent.num_classes,), -1, dtype=torch.long)
     position[columns] = torch.arange(len(columns))
     seen = 0
-    from ..workflows.train import augment_batch, crop_padding  # training helpers; imported here to keep import light
+    from ..workflows.train import augment_batch, crop_padding, to_unit_float  # imported here to keep import light
 
     pad = crop_padding(*parent.input_spec.size, parent.input_spec.channels)
     cache = prefix_cache(parent, teacher_split[0], images, config, progress) \
@@ -520,7 +520,7 @@ def _fine_tune(parent: Parent, trunk: nn.Module, nets: Sequence[nn.Module], imag
             with torch.no_grad():
                 teacher = teacher_split[1](h)[:, columns]
         else:
-            x = torch.from_numpy(np.ascontiguousarray(images[batch])).permute(0, 3, 1, 2).float().div_(255.0)
+            x = to_unit_float(images[batch])
             if config.augment:
                 x = augment_batch(x, pad, generator)
             x = parent.input_spec.prepare(x).contiguous(memory_format=_layout(parent))
@@ -582,11 +582,11 @@ def prefix_cache(parent: Parent, prefix: nn.Module, images: np.ndarray, config: 
     if n * mirrors * math.prod(shape) * 2 > CACHE_MAX_BYTES:
         return None
     cache = torch.empty((n, mirrors, *shape), dtype=torch.float16)
-    from ..workflows.train import batches
+    from ..workflows.train import batches, to_unit_float
 
     done = 0
     for batch in batches(np.arange(n), 256):
-        x = torch.from_numpy(np.ascontiguousarray(images[batch])).permute(0, 3, 1, 2).float().div_(255.0)
+        x = to_unit_float(images[batch])
         for m in range(mirrors):
             view = x.flip(3) if m else x
             cache[batch[0]:batch[-1] + 1, m] = prefix(
@@ -738,7 +738,7 @@ def training_epoch_cost(parent: Parent, images: np.ndarray, labels: np.ndarray, 
     where the parent is a zoo model; otherwise the folded graph does, which is a little cheaper than training the
     original. `progress(images_done, images_total)` follows a whole epoch."""
     from ..workflows.energy import EnergyMeter
-    from ..workflows.train import augment_batch, batches, crop_padding
+    from ..workflows.train import augment_batch, batches, crop_padding, to_unit_float
 
     if measure not in TRAINING_EPOCH_MEASURES:
         raise CnnmodError(f"unknown training-epoch measure {measure!r}; expected one of "
@@ -769,7 +769,7 @@ def training_epoch_cost(parent: Parent, images: np.ndarray, labels: np.ndarray, 
     batch = min(batch_size, len(images))
 
     def step(pick: np.ndarray) -> None:
-        x = torch.from_numpy(np.ascontiguousarray(images[pick])).permute(0, 3, 1, 2).float().div_(255.0)
+        x = to_unit_float(images[pick])
         x = parent.input_spec.prepare(augment_batch(x, pad, generator))
         loss = F.cross_entropy(model(x), torch.as_tensor(labels[pick], dtype=torch.long))
         opt.zero_grad(set_to_none=True)

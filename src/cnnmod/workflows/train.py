@@ -90,7 +90,7 @@ def augment_batch(x: torch.Tensor, padding: int, generator: torch.Generator, fli
     return padded[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
 
 
-def _to_unit_float(images: np.ndarray, device: torch.device) -> torch.Tensor:
+def to_unit_float(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 NHWC numpy batch -> float NCHW tensor in [0, 1] on ``device``."""
     x = torch.from_numpy(np.ascontiguousarray(images)).to(device, non_blocking=True)
     return x.permute(0, 3, 1, 2).float().div_(255.0)
@@ -108,7 +108,7 @@ def _accuracy(model: nn.Module, data: LabelledImages, indices: np.ndarray, input
         return float("nan")
     correct = 0
     for idx in batches(indices, batch_size):
-        x = input_spec.prepare(_to_unit_float(data.images[idx], device), device)
+        x = input_spec.prepare(to_unit_float(data.images[idx], device), device)
         y = torch.from_numpy(np.asarray(data.labels[idx], dtype=np.int64)).to(device)
         correct += int((model(x).argmax(1) == y).sum())
     return correct / len(indices)
@@ -204,7 +204,7 @@ def train_model(
                 for idx in batches(order, batch_size):
                     if len(idx) < 2:  # BatchNorm cannot train on a single image
                         continue
-                    x = _to_unit_float(data.images[idx], dev)
+                    x = to_unit_float(data.images[idx], dev)
                     if augment:
                         x = augment_batch(x, padding, aug_gen)
                     x = input_spec.prepare(x, dev)
