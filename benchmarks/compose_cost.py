@@ -1,7 +1,7 @@
 """The 10-module composed classifier of the shared ResNet-20 against the parent, on the CIFAR-10 test set.
 
     python benchmarks/compose_cost.py [--method paper|compact] [--store S] [--classes cat,dog] [--limit 2000]
-        [--repeats 3]
+        [--repeats 3] [--batchings]
 Last line: `ratio <composed seconds / parent seconds>` (compact: with the modules' default engine; every engine's
 ratio is printed above it).
 
@@ -39,6 +39,9 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--classes", default=None, help="compose only these modules (a reused pair, say)")
+    ap.add_argument("--batchings", action="store_true",
+                    help="compact: also time the exact engine's grouped and folded batching, and each against the "
+                         "parent run channels-last")
     args = ap.parse_args()
     parent, data = resnet20_and_cifar10()
     test = data.test.images[: args.limit]
@@ -65,7 +68,28 @@ def main() -> None:
         parent_s, composed_s = side_by_side(lambda: parent.logits(test), lambda r=run: r.logits(test), args.repeats)
         ratios[engine] = composed_s / parent_s
         print(f"{engine}: parent {parent_s:.2f}s, composed {composed_s:.2f}s, ratio {ratios[engine]:.3f}")
+    if args.batchings:
+        channels_last = channels_last_parent(parent)
+        for batching in ("grouped", "folded"):
+            run = dataclasses.replace(modules, compact=dataclasses.replace(compact, engine="exact", batching=batching))
+            parent_s, composed_s = side_by_side(lambda: parent.logits(test), lambda r=run: r.logits(test),
+                                                args.repeats)
+            last_s, _ = side_by_side(lambda: channels_last(test), lambda r=run: r.logits(test), 1)
+            print(f"exact, {batching}: parent {parent_s:.2f}s, composed {composed_s:.2f}s, ratio "
+                  f"{composed_s / parent_s:.3f}; the parent channels-last {last_s:.2f}s, "
+                  f"ratio {composed_s / last_s:.3f}")
     print(f"ratio {ratios[compact.engine]:.3f}")
+
+
+def channels_last_parent(parent):  # type: ignore[no-untyped-def]
+    """The parent's inference pass with its layers channels-last, as the exact engine runs modules on a CPU."""
+    import torch
+
+    from cnnmod.engine.modules import _batched, inference_network
+
+    net = inference_network(parent.model).to(memory_format=torch.channels_last).eval()
+    return lambda images: _batched(lambda x: net(parent.input_spec.prepare(x, torch.device("cpu"))), images, 256,
+                                   False, "parent")
 
 
 if __name__ == "__main__":

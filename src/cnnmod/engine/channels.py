@@ -459,7 +459,7 @@ def _map_index(kept_in: torch.Tensor, kept_out: torch.Tensor, offset: int, base:
 
 
 def _rewrite_map(gm: fx.GraphModule, node: fx.Node, kept_in: torch.Tensor, kept_out: torch.Tensor,
-                 offset: int, index: list[int] | None = None) -> None:
+                 offset: int, index: list[int] | None = None) -> fx.Node:
     """`F.pad(x, (.., before, after))` on channels -> `F.pad(x, (.., 0, 1))[:, index]`: one zero channel
     appended, then the kept output channels gathered from the kept inputs (or the zero channel)."""
     # channel_plan maps only an `F.pad` whose amounts are a tuple or list of ints (_channel_padding)
@@ -476,6 +476,7 @@ def _rewrite_map(gm: fx.GraphModule, node: fx.Node, kept_in: torch.Tensor, kept_
     with gm.graph.inserting_after(node):
         gather = gm.graph.call_function(operator.getitem, (node, (slice(None, None, None), index)))
     node.replace_all_uses_with(gather, delete_user_cb=lambda user: user is not gather)
+    return gather
 
 
 def _set_submodule(gm: nn.Module, path: str, module: nn.Module) -> None:
@@ -506,6 +507,27 @@ class StackedHead(nn.Module):
         return torch.einsum("bmf,mof->bmo", f, self.weight) + self.bias
 
 
+STACKED = "cnnmod_stacked"
+"""The key of a stacked network's node metadata that says how the node holds the modules."""
+
+
+@dataclass(frozen=True)
+class StackedNode:
+    """How a node of a stacked network (`stack`) holds M modules. Nodes without it run once for all modules.
+
+    - `grouped_layer`: a convolution of M groups, or a block-diagonal linear layer, over stacked inputs;
+    - `shared_input_layer`: a layer that reads a value shared by all modules and writes M blocks of channels;
+    - `grouped_map` / `shared_input_map`: a channel gather (after a one-channel zero pad) from stacked or shared
+      inputs; `index[i]` is module i's gather among its own input channels (its width is the zero channel);
+    - `grouped_head` / `shared_input_head`: the StackedHead;
+    - `tile`: a shared value repeated M times on channels, for an elementwise op that also reads a stacked one;
+    - `per_sample`: any other op on stacked values (elementwise, pooling, flattening).
+    """
+
+    kind: str
+    index: tuple[tuple[int, ...], ...] = ()
+
+
 def stack(parent: fx.GraphModule, plan: ChannelPlan, keeps: Sequence[Mapping[int, torch.Tensor]],
           nets: Sequence[fx.GraphModule] | None = None, head_weights: torch.Tensor | None = None,
           head_biases: torch.Tensor | None = None, cut: str | None = None,
@@ -520,6 +542,8 @@ def stack(parent: fx.GraphModule, plan: ChannelPlan, keeps: Sequence[Mapping[int
 
     Everything up to the node `cut` runs once, with the first module's layers: the modules must be the same
     there (cnnmod.engine.engines.common_prefix finds such a prefix); `input_shape` (one sample's) is then needed too.
+
+    Each node's `meta[STACKED]` says how it holds the modules (`StackedNode`); cnnmod.engine.folding reads it.
     """
     if cut is not None and input_shape is None:
         raise CnnmodError("stacking with a shared prefix needs the input shape")
@@ -570,6 +594,7 @@ def stack(parent: fx.GraphModule, plan: ChannelPlan, keeps: Sequence[Mapping[int
         if not isinstance(old, (nn.Linear, nn.modules.conv._ConvNd)):
             raise CnnmodError(f"cannot stack layer {layer.target}")
         weight = torch.cat(parts)
+        nodes[layer.node].meta[STACKED] = StackedNode("grouped_layer" if grouped else "shared_input_layer")
         if isinstance(old, nn.Linear):
             if grouped:  # block-diagonal
                 weight = torch.block_diag(*parts)
@@ -592,6 +617,7 @@ def stack(parent: fx.GraphModule, plan: ChannelPlan, keeps: Sequence[Mapping[int
         hw.append(w)
         hb.append(lin_bias.detach())
     _set_submodule(gm, head.target, StackedHead(torch.stack(hw), torch.stack(hb), shared_input=not head_grouped))
+    nodes[head.node].meta[STACKED] = StackedNode("grouped_head" if head_grouped else "shared_input_head")
     for cm in plan.maps:
         if cm.node not in stacked:
             _rewrite_map(gm, nodes[cm.node], keeps[0][cm.in_space], keeps[0][cm.out_space], cm.offset)
@@ -600,10 +626,14 @@ def stack(parent: fx.GraphModule, plan: ChannelPlan, keeps: Sequence[Mapping[int
         one = not reads_stacked(cm.node)  # reads one shared copy
         zero = w_in if one else m * w_in
         index: list[int] = []
+        local: list[list[int]] = []
         for i, k in enumerate(keeps):
-            own = _map_index(k[cm.in_space], k[cm.out_space], cm.offset, base=0 if one else i * w_in, zero=zero)
-            index += own + [zero] * (w_out - len(own))
-        _rewrite_map(gm, nodes[cm.node], torch.empty(0), torch.empty(0), 0, index)
+            own = _map_index(k[cm.in_space], k[cm.out_space], cm.offset, zero=w_in)
+            local.append(own + [w_in] * (w_out - len(own)))
+            base = 0 if one else i * w_in
+            index += [zero if j == w_in else base + j for j in local[-1]]
+        gather = _rewrite_map(gm, nodes[cm.node], torch.empty(0), torch.empty(0), 0, index)
+        gather.meta[STACKED] = StackedNode("shared_input_map" if one else "grouped_map", tuple(map(tuple, local)))
     if cut is not None:  # a stacked elementwise op that also reads a shared value reads it M times
         assert input_shape is not None
         dims = {name: v.dim() for name, v in meta_values(parent, input_shape, 2).items()
@@ -615,7 +645,11 @@ def stack(parent: fx.GraphModule, plan: ChannelPlan, keeps: Sequence[Mapping[int
                 if arg.name not in stacked and arg.name in plan.space_of and arg.name in dims:
                     with gm.graph.inserting_before(node):
                         tiled = gm.graph.call_method("repeat", (arg, 1, m, *([1] * (dims[arg.name] - 2))))
+                    tiled.meta[STACKED] = StackedNode("tile")
                     node.replace_input_with(arg, tiled)
+    for node in gm.graph.nodes:
+        if node.name in stacked and STACKED not in node.meta:
+            node.meta[STACKED] = StackedNode("per_sample")
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()

@@ -1,9 +1,10 @@
 """Composition engines for compact modules: how the modules of one parent are run to get their (z_c, z_uc).
 
 - `exact`: every module runs its own network. Modules of one parent run together: the layers they share (a
-  frozen prefix of the parent) once, then their own layers as one stacked network of grouped convolutions
-  (cnnmod.engine.channels.stack, modules padded to the widest), channels-last on a CPU, where oneDNN's grouped
-  convolutions of these widths are otherwise slower than the modules run in turn (docs/RESULTS.md). Without a
+  frozen prefix of the parent) once, then their own layers as one stacked network (cnnmod.engine.channels.stack,
+  modules padded to the widest): on a GPU as grouped convolutions; on a CPU channels-last with the module axis
+  folded into the batch (cnnmod.engine.folding), since oneDNN runs grouped convolutions of a few channels per
+  group at about half the speed of one module's convolution on its own batch slice (docs/RESULTS.md). Without a
   shared prefix, on a CPU, the modules run one after the other on the same batch. Each module's output is its own.
 - `shared`: one network per parent holding the union of the modules' channels; one forward pass, and every
   module's head reads the shared features. It exists only where the decomposition wrote one (a shared-weight
@@ -36,6 +37,7 @@ from .inputs import InputSpec
 from .modules import RunnerCache, relus_in_place
 
 ENGINES = ("exact", "shared")
+BATCHINGS = ("auto", "grouped", "folded", "each")
 
 
 WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -98,8 +100,9 @@ class CompactNets:
     """The parent's graph (what `plan` describes): the stacked form of the exact engine is built from it."""
     batching: str = "auto"
     """How the exact engine runs the modules' own layers: `grouped` (one grouped convolution per layer),
-    `each` (one module after the other), or `auto` (grouped where a shared prefix leaves small tails, or on a
-    GPU; measured in docs/RESULTS.md)."""
+    `folded` (the stacked network with the module axis folded into the batch: each module's layers on its own
+    batch slice, cnnmod.engine.folding), `each` (one module after the other), or `auto` (on a CPU folded where a
+    shared prefix leaves small tails, else each; grouped on a GPU; measured in docs/RESULTS.md)."""
     weights_dtype: str = "float32"
     """How a store keeps these networks' weights (WEIGHT_DTYPES); with float16 they hold float16 values."""
     _runners: RunnerCache = field(default_factory=RunnerCache, init=False, repr=False, compare=False)
@@ -109,6 +112,8 @@ class CompactNets:
             raise CnnmodError(f"unknown engine {self.engine!r}; choose from {', '.join(ENGINES)}")
         if self.engine == "shared" and self.shared is None:
             raise CnnmodError("these modules have no shared network; use the exact engine")
+        if self.batching not in BATCHINGS:
+            raise CnnmodError(f"unknown batching {self.batching!r}; choose from {', '.join(BATCHINGS)}")
         if self.weights_dtype not in WEIGHT_DTYPES:
             raise CnnmodError(f"unknown weights dtype {self.weights_dtype!r}; choose from {', '.join(WEIGHT_DTYPES)}")
 
@@ -174,11 +179,13 @@ class CompactNets:
         cut = common_prefix(nets, self.input_shape) if self.input_shape else None
         batching = self.batching
         if batching == "auto":
-            batching = "grouped" if (cut is not None or device.type != "cpu") else "each"
-        if batching == "grouped" and self.base is not None and len(nets) > 1:
+            batching = "grouped" if device.type != "cpu" else "folded" if cut is not None else "each"
+        if batching in ("grouped", "folded") and self.base is not None and len(nets) > 1:
             stacked = relus_in_place(stack(self.base, self.plan, self.keeps, nets, cut=cut,
                                            input_shape=self.input_shape or None))
-            if device.type == "cpu":  # oneDNN's grouped convolutions are 1.5-2x faster channels-last (RESULTS.md)
+            if batching == "folded":
+                stacked = _folded_or_stacked(stacked, len(nets), self.input_shape)
+            if device.type == "cpu":  # oneDNN's convolutions are 1.5-2x faster channels-last here (RESULTS.md)
                 stacked = stacked.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
             return stacked.to(device).eval()
         if cut is not None:  # the layers every module holds identically run once (bit-identical outputs)
@@ -189,6 +196,26 @@ class CompactNets:
     def parameters_per_module(self, input_shape: tuple[int, ...]) -> list[tuple[int, int]]:
         """(parameters, multiply-accumulates per image) of every module's network."""
         return [network_cost(net, input_shape) for net in self.nets]
+
+
+def _folded_or_stacked(stacked: fx.GraphModule, m: int, input_shape: tuple[int, ...]) -> fx.GraphModule:
+    """The folded form of a stacked network (cnnmod.engine.folding) where it gives the stacked network's outputs
+    on a probe batch, else the stacked network itself: a graph that reads the batch size of a shared value
+    (say) cannot be folded."""
+    from .folding import fold
+
+    probe = torch.randn(3, *input_shape, generator=torch.Generator().manual_seed(0)) if input_shape else None
+    try:
+        folded = fold(copy.deepcopy(stacked), m)
+        if probe is not None:
+            with torch.no_grad():
+                want, got = stacked(probe), folded(probe)
+            scale = float(want.abs().max()) + 1
+            if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-5 * scale):
+                return stacked
+    except (CnnmodError, RuntimeError):
+        return stacked
+    return folded
 
 
 class _Each(nn.Module):
