@@ -1,7 +1,7 @@
 """The 10-module composed classifier of the shared ResNet-20 against the parent, on the CIFAR-10 test set.
 
     python benchmarks/compose_cost.py [--method paper|compact] [--store S] [--classes cat,dog] [--limit 2000]
-        [--repeats 3] [--batchings]
+        [--repeats 5] [--batchings]
 Last line: `ratio <composed seconds / parent seconds>` (compact: with the modules' default engine; every engine's
 ratio is printed above it).
 
@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--method", choices=["paper", "compact"], default="paper")
     ap.add_argument("--store", default=None, help="compact: time this store's modules")
     ap.add_argument("--limit", type=int, default=2000)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--classes", default=None, help="compose only these modules (a reused pair, say)")
     ap.add_argument("--batchings", action="store_true",
                     help="compact: also time the exact engine's grouped and folded batching, and each against the "

@@ -31,7 +31,7 @@ def folded_blocks(x: torch.Tensor, m: int) -> torch.Tensor:
     b, mc = x.shape[:2]
     rest = x.shape[2:]
     c = mc // m
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    if _channels_last(x):
         h, w = rest
         moved = x.permute(0, 2, 3, 1).reshape(b, h, w, m, c).permute(3, 0, 1, 2, 4)
         return moved.reshape(m * b, h, w, c).permute(0, 3, 1, 2)
@@ -49,14 +49,6 @@ def _rows(x: torch.Tensor, m: int) -> list[torch.Tensor]:
     if x.shape[0] % m:
         raise CnnmodError(f"a folded batch of {x.shape[0]} rows does not hold {m} modules")
     return list(x.chunk(m))
-
-
-def _like(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """`out` in `x`'s channels-last layout where `x` has it (a gather of channels loses it)."""
-    if out.dim() == 4 and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
-            and not x.is_contiguous():
-        return out.contiguous(memory_format=torch.channels_last)
-    return out
 
 
 class FoldedLayers(nn.Module):
@@ -83,16 +75,34 @@ class FoldOutput(nn.Module):
 
 
 class FoldedGather(nn.Module):
-    """Module i's channel gather on batch slice i: (M * B, C, ...) -> (M * B, W, ...)."""
+    """Module i's channel gather: from its batch slice of a folded value, (M * B, C, ...) -> (M * B, W, ...), or,
+    with `shared`, from a value all modules share, (B, C, ...) -> (M * B, W, ...). Channels-last in, channels-last
+    out (gathered along the innermost dimension, without a change of layout)."""
 
-    def __init__(self, index: Sequence[Sequence[int]]) -> None:
+    def __init__(self, index: Sequence[Sequence[int]], shared: bool = False) -> None:
         super().__init__()
         self.index: torch.Tensor
         self.register_buffer("index", torch.tensor([list(i) for i in index], dtype=torch.long), persistent=False)
+        self.shared = shared
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = _rows(x, self.index.shape[0])
-        return _like(torch.cat([p.index_select(1, i) for p, i in zip(parts, self.index, strict=True)]), x)
+        m, width = self.index.shape
+        if _channels_last(x):  # gathered as rows of a (rows * H * W, C) matrix: the fast gather of a CPU
+            inner = x.permute(0, 2, 3, 1)  # (rows, H, W, C), contiguous
+            rows, h, w, c = inner.shape
+            if self.shared:
+                picked = inner.reshape(-1, c).index_select(1, self.index.flatten()).reshape(rows, h, w, m, width)
+                return picked.permute(3, 0, 1, 2, 4).reshape(m * rows, h, w, width).permute(0, 3, 1, 2)
+            parts = [p.reshape(-1, c).index_select(1, i).reshape(-1, h, w, width)
+                     for p, i in zip(_rows(inner, m), self.index, strict=True)]
+            return torch.cat(parts).permute(0, 3, 1, 2)
+        if self.shared:
+            return folded_blocks(x.index_select(1, self.index.flatten()), m)
+        return torch.cat([p.index_select(1, i) for p, i in zip(_rows(x, m), self.index, strict=True)])
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 class FoldedHead(nn.Module):
@@ -159,20 +169,16 @@ def fold(stacked: fx.GraphModule, m: int) -> fx.GraphModule:
             head = stacked.get_submodule(str(node.target))
             assert isinstance(head, StackedHead)
             _replace_module(stacked, str(node.target), FoldedHead(head))
-        elif info.kind == "grouped_map":
+        elif info.kind in ("grouped_map", "shared_input_map"):
             source = node.args[0]
             if not isinstance(source, fx.Node) or not _is_channel_pad(source):
                 raise CnnmodError(f"cannot fold the channel gather {node.name}")
             name = f"folded_gather_{node.name}"
-            stacked.add_submodule(name, FoldedGather(info.index))
+            stacked.add_submodule(name, FoldedGather(info.index, shared=info.kind == "shared_input_map"))
             with graph.inserting_after(node):
                 gather = graph.call_module(name, (source,))
             node.replace_all_uses_with(gather)
             graph.erase_node(node)
-        elif info.kind == "shared_input_map":
-            with graph.inserting_after(node):
-                folded = graph.call_function(folded_blocks, (node, m))
-            node.replace_all_uses_with(folded, delete_user_cb=lambda user, new=folded: user is not new)
         elif info.kind == "tile":
             value, _, times, *ones = node.args
             if node.target != "repeat" or times != m:
