@@ -81,6 +81,13 @@ def test_a_folded_network_after_a_shared_prefix_equals_each_module_alone(parent,
         assert ("tile" in kinds(stacked)) == (cut == "relu")
         assert ("shared_input_map" in kinds(stacked)) == (cut == "relu_2")
         assert torch.equal(fold(stacked, len(nets))(x), alone)
+        aligned = ch.stack(parent.model.graph, plan, keeps, nets, cut=cut, input_shape=(1, 4, 4), align=8)
+        outputs = {name: aligned.get_submodule(name).weight.shape[0] for name in ("stem", "conv_a", "conv_b", "conv_c",
+                                                                                 "conv_d")}
+        # the modules' own spaces are padded to 8 channels each; the prefix's (the stem's, tied with conv_b) are not
+        own = {"stem": 2, "conv_a": 8 * 3, "conv_b": 2 * 3} if cut == "relu" else {"stem": 2, "conv_a": 1, "conv_b": 2}
+        assert outputs == {**own, "conv_c": 8 * 3, "conv_d": 8 * 3}
+        assert torch.equal(aligned(x), alone) and torch.equal(fold(aligned, len(nets))(x), alone)
         compact = CompactNets(plan, tuple(keeps), tuple(nets), input_shape=(1, 4, 4), base=parent.model.graph)
         for batching in ("folded", "auto"):  # auto folds on a CPU where a prefix is shared
             runner = dataclasses.replace(compact, batching=batching).runner(hw, hb, torch.device("cpu"))
