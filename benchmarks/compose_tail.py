@@ -1,7 +1,7 @@
 """Where composed compact modules spend their time: the ten modules' own layers after the shared prefix against the
 parent's layers they replace, on the same prefix output.
 
-    python benchmarks/compose_tail.py [--limit 2000] [--repeats 5] [--batching folded|grouped]
+    python benchmarks/compose_tail.py [--limit 2000] [--repeats 5] [--batching folded|grouped] [--align 8]
 
 Compact modules share the parent's first layers (about 68% of its multiply-accumulates on the shared ResNet-20)
 and then each runs its own narrow copy of the rest. The composed classifier can only be faster than the parent
@@ -19,6 +19,7 @@ import torch
 from common import resnet20_and_cifar10, side_by_side
 from compose_cost import compact_modules
 
+from cnnmod.engine import engines
 from cnnmod.engine.channels import cut_points, network_cost, split_at
 from cnnmod.engine.engines import common_prefix, runner_for
 from cnnmod.engine.modules import inference_network
@@ -29,7 +30,10 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batching", choices=["folded", "grouped"], default="folded")
+    ap.add_argument("--align", type=int, default=engines.CHANNEL_ALIGN,
+                    help="pad each module's own channel counts to a multiple of this (1: as the modules keep them)")
     args = ap.parse_args()
+    engines.CHANNEL_ALIGN = args.align
     parent, data = resnet20_and_cifar10()
     modules = compact_modules(parent, data, None)
     compact = dataclasses.replace(modules.compact, batching=args.batching)
@@ -52,7 +56,8 @@ def main() -> None:
     total = network_cost(parent.model.graph, shape)[1]
     before_cut = dict(cut_points(parent.model.graph, shape))[cut]
     tails = sum(network_cost(n, shape)[1] for n in compact.nets) - len(compact.nets) * total * before_cut
-    print(f"{len(test)} test images, {len(compact.nets)} modules, cut at {cut}, batching {args.batching}")
+    print(f"{len(test)} test images, {len(compact.nets)} modules, cut at {cut}, batching {args.batching}, "
+          f"channels aligned to {args.align}")
     print(f"multiply-accumulates after the cut: the modules' tails {tails / total:.3f} of the parent's whole network, "
           f"the parent's tail {1 - before_cut:.3f}")
     parent_s, composed_s = side_by_side(lambda: run(parent_tail), lambda: run(composed_tail), args.repeats)

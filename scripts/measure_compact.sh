@@ -16,7 +16,10 @@ run /usr/bin/time -v cnnmod decompose $R20 --arch resnet20 --data $C10 --out sto
 run cnnmod evaluate stores/r20-compact --data $C10 --json > $W/evaluate.json
 run cnnmod inspect stores/r20-compact --json > $W/inspect.json
 run python benchmarks/compose_cost.py --method compact --store stores/r20-compact > $W/compose_cost.txt
-run python benchmarks/compose_cost.py --method compact --limit 2000 > $W/compose_cost_shapes.txt
+run python benchmarks/compose_cost.py --method compact --limit 2000 --batchings > $W/compose_cost_shapes.txt
+# where the composed time goes: the ten modules' own layers against the parent's layers after the shared prefix
+run python benchmarks/compose_tail.py > $W/compose_tail.txt
+run python benchmarks/compose_tail.py --batching grouped > $W/compose_tail_grouped.txt
 # the fine-tune with its prefix cache against without, side by side on 5,000 training images
 run python benchmarks/compact_prefix_cache.py > $W/prefix_cache.txt
 # the same modules kept as float32 (twice the file bytes; the same fine-tune, unrounded)
