@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import CnnmodError
-from .channels import STACKED, StackedHead, StackedNode
+from .channels import STACKED, StackedHead, StackedNode, _conv_like, _set_submodule
 
 __all__ = ["fold", "folded_blocks", "unfolded_blocks"]
 
@@ -133,10 +133,8 @@ def _split_layer(layer: nn.Module, m: int) -> list[nn.Module]:
             cols = weight.shape[1] // m
             w = w[:, i * cols:(i + 1) * cols]
             new: nn.Module = nn.Linear(w.shape[1], out, bias=bias is not None)
-        elif isinstance(layer, nn.modules.conv._ConvNd) and layer.groups == m:
-            new = type(layer)(w.shape[1], out, layer.kernel_size, stride=layer.stride,  # type: ignore[call-arg]
-                              padding=layer.padding, dilation=layer.dilation, bias=bias is not None,
-                              padding_mode=layer.padding_mode)
+        elif layer.groups == m:
+            new = _conv_like(layer, w.shape[1], out, groups=1, bias=bias is not None)
         else:
             raise CnnmodError(f"cannot fold a {type(layer).__name__} of {m} modules")
         with torch.no_grad():
@@ -161,14 +159,14 @@ def fold(stacked: fx.GraphModule, m: int) -> fx.GraphModule:
             continue
         if info.kind == "grouped_layer":
             layer = stacked.get_submodule(str(node.target))
-            _replace_module(stacked, str(node.target), FoldedLayers(_split_layer(layer, m)))
+            _set_submodule(stacked, str(node.target), FoldedLayers(_split_layer(layer, m)))
         elif info.kind == "shared_input_layer":
             layer = stacked.get_submodule(str(node.target))
-            _replace_module(stacked, str(node.target), FoldOutput(layer, m))
+            _set_submodule(stacked, str(node.target), FoldOutput(layer, m))
         elif info.kind == "grouped_head":
             head = stacked.get_submodule(str(node.target))
             assert isinstance(head, StackedHead)
-            _replace_module(stacked, str(node.target), FoldedHead(head))
+            _set_submodule(stacked, str(node.target), FoldedHead(head))
         elif info.kind in ("grouped_map", "shared_input_map"):
             source = node.args[0]
             if not isinstance(source, fx.Node) or not _is_channel_pad(source):
@@ -187,7 +185,7 @@ def fold(stacked: fx.GraphModule, m: int) -> fx.GraphModule:
         elif info.kind == "shared_input_head":
             continue
         elif info.kind == "per_sample":
-            if node.op == "call_function" and node.target in (operator.getitem,) and _reads_batch(node):
+            if node.op == "call_function" and node.target is operator.getitem and _reads_batch(node):
                 raise CnnmodError(f"cannot fold {node.name}: it indexes the batch")
         else:
             raise CnnmodError(f"cannot fold a stacked node of kind {info.kind!r}")
@@ -201,9 +199,3 @@ def _reads_batch(node: fx.Node) -> bool:
     index = node.args[1] if len(node.args) > 1 else None
     first = index[0] if isinstance(index, tuple) and index else index
     return not (isinstance(first, slice) and first == slice(None, None, None))
-
-
-def _replace_module(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
-    owner_path, _, name = path.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    setattr(owner, name, module)
