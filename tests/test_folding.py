@@ -69,7 +69,7 @@ def test_a_folded_network_after_a_shared_prefix_equals_each_module_alone(parent,
     """Cut after the stem, the block's Add reads the shared stem output (tiled M times); cut after stage 1,
     stage 2's convolution and channel pad read the shared value (one convolution, one gather, then folded)."""
     plan = ch.channel_plan(parent.model)
-    stem, a, _, _ = spaces(parent, plan)
+    stem, a, _, d = spaces(parent, plan)
     shared = {stem: torch.tensor([0, 3])} if cut == "relu" else {stem: torch.tensor([0, 3]), a: torch.tensor([1])}
     keeps = [{**k, **shared} for k in hand_keeps(parent, plan)]
     hw, hb = heads()
@@ -81,13 +81,17 @@ def test_a_folded_network_after_a_shared_prefix_equals_each_module_alone(parent,
         assert ("tile" in kinds(stacked)) == (cut == "relu")
         assert ("shared_input_map" in kinds(stacked)) == (cut == "relu_2")
         assert torch.equal(fold(stacked, len(nets))(x), alone)
-        aligned = ch.stack(parent.model.graph, plan, keeps, nets, cut=cut, input_shape=(1, 4, 4), align=8)
+        # aligned to 2 channels: the widest module keeps 5 of space d (padded to 6: a fifth more at most), 3 of
+        # space c (not padded to 4: a third more), and the prefix's spaces keep their widths (the stem's is 2 wide)
+        wide = [{**k, d: torch.arange(5)} if i == 0 else k for i, k in enumerate(keeps)]
+        _, wide_nets = module_nets(parent, wide, hw, hb)
+        wide_alone = torch.stack([net(x) for net in wide_nets], 1)
+        aligned = ch.stack(parent.model.graph, plan, wide, wide_nets, cut=cut, input_shape=(1, 4, 4), align=2)
         outputs = {name: aligned.get_submodule(name).weight.shape[0] for name in ("stem", "conv_a", "conv_b", "conv_c",
                                                                                  "conv_d")}
-        # the modules' own spaces are padded to 8 channels each; the prefix's (the stem's, tied with conv_b) are not
-        own = {"stem": 2, "conv_a": 8 * 3, "conv_b": 2 * 3} if cut == "relu" else {"stem": 2, "conv_a": 1, "conv_b": 2}
-        assert outputs == {**own, "conv_c": 8 * 3, "conv_d": 8 * 3}
-        assert torch.equal(aligned(x), alone) and torch.equal(fold(aligned, len(nets))(x), alone)
+        own = {"stem": 2, "conv_a": 3 * 3, "conv_b": 2 * 3} if cut == "relu" else {"stem": 2, "conv_a": 1, "conv_b": 2}
+        assert outputs == {**own, "conv_c": 3 * 3, "conv_d": 6 * 3}
+        assert torch.equal(aligned(x), wide_alone) and torch.equal(fold(aligned, len(nets))(x), wide_alone)
         compact = CompactNets(plan, tuple(keeps), tuple(nets), input_shape=(1, 4, 4), base=parent.model.graph)
         for batching in ("folded", "auto"):  # auto folds on a CPU where a prefix is shared
             runner = dataclasses.replace(compact, batching=batching).runner(hw, hb, torch.device("cpu"))

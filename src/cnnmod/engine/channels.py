@@ -528,6 +528,11 @@ class StackedNode:
     index: tuple[tuple[int, ...], ...] = ()
 
 
+ALIGN_MOST = 5
+"""`stack` aligns a width only where that adds at most a fifth of its channels (15 -> 16 and 20 -> 24 ran faster
+on a CPU, 12 -> 16 slower: docs/RESULTS.md, stop 21)."""
+
+
 def stack(parent: fx.GraphModule, plan: ChannelPlan, keeps: Sequence[Mapping[int, torch.Tensor]],
           nets: Sequence[fx.GraphModule] | None = None, head_weights: torch.Tensor | None = None,
           head_biases: torch.Tensor | None = None, cut: str | None = None,
@@ -543,8 +548,9 @@ def stack(parent: fx.GraphModule, plan: ChannelPlan, keeps: Sequence[Mapping[int
     Everything up to the node `cut` runs once, with the first module's layers: the modules must be the same
     there (cnnmod.engine.engines.common_prefix finds such a prefix); `input_shape` (one sample's) is then needed too.
 
-    `align` pads the modules' own spaces further, to a multiple of it (zero channels): convolutions of 16 channels
-    run faster than those of 15 on a CPU's vector units. Spaces of the shared prefix keep their width.
+    `align` pads the modules' own spaces further, to a multiple of it (zero channels), where that adds at most
+    1 / ALIGN_MOST of their channels: convolutions of 16 channels run faster than those of 15 on a CPU's vector
+    units, while 12 padded to 16 would cost more than it saves. Spaces of the shared prefix keep their width.
 
     Each node's `meta[STACKED]` says how it holds the modules (`StackedNode`); cnnmod.engine.folding reads it.
     """
@@ -565,7 +571,9 @@ def stack(parent: fx.GraphModule, plan: ChannelPlan, keeps: Sequence[Mapping[int
     if align > 1:
         fixed = {plan.space_of[n] for n in order[:shared_until + 1] if n in plan.space_of}
         fixed |= {s.index for s in plan.spaces if not s.prunable}
-        widths = {s: w if s in fixed else -(-w // align) * align for s, w in widths.items()}
+        padded = {s: -(-w // align) * align for s, w in widths.items()}
+        widths = {s: padded[s] if s not in fixed and padded[s] * ALIGN_MOST <= w * ALIGN_MOST + w else w
+                  for s, w in widths.items()}
     layer_of = {layer.node: layer for layer in plan.layers}
     map_of = {cm.node: cm for cm in plan.maps}
     stacked: set[str] = set()
