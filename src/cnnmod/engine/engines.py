@@ -39,9 +39,9 @@ from .modules import RunnerCache, relus_in_place
 ENGINES = ("exact", "shared")
 CHANNEL_ALIGN = 8
 """The exact engine pads each module's own channel counts to a multiple of this (zero channels) where that adds
-at most a fifth of them (channels.ALIGN_MOST): on the shared
-ResNet-20, whose modules keep 15 or 16 channels a space, their own layers ran in 0.87 of the time unpadded
-(`python benchmarks/compose_tail.py --align 1` against without)."""
+at most a fifth of them (channels.ALIGN_MOST): on the shared ResNet-20, whose modules keep 15 or 16 channels a
+space, their own layers ran in 0.87 of the time unpadded (`python benchmarks/compose_tail.py --align 1` against
+without)."""
 BATCHINGS = ("auto", "grouped", "folded", "each")
 
 
