@@ -174,3 +174,30 @@ def test_an_unknown_batching_is_refused(parent) -> None:  # type: ignore[no-unty
     plan = ch.channel_plan(parent.model)
     with pytest.raises(CnnmodError, match="unknown batching 'diagonal'"):
         CompactNets(plan, (), (), batching="diagonal")
+
+
+@pytest.mark.parametrize(("arch", "size", "channels"), [("vgg", 32, 3), ("resnet20_b", 32, 3), ("smallcnn", 28, 1)])
+def test_the_folded_engine_runs_the_zoo_architectures_as_each_module_alone(arch, size, channels) -> None:  # type: ignore[no-untyped-def]
+    """Plain convolution stacks with hidden linear layers (VGG), 1x1-convolution shortcuts, a small CNN: compact
+    modules of random weights give each module's own outputs when folded."""
+    import numpy as np
+
+    from cnnmod.engine.compact import CompactConfig, compact_decompose, module_set
+    from cnnmod.engine.inputs import InputSpec
+    from cnnmod.engine.modules import Parent
+    from cnnmod.zoo import create_model
+
+    model = create_model(arch, num_classes=10, in_channels=channels, seed=0).eval()
+    parent = Parent.from_model(model, InputSpec.default((size, size), channels), [str(i) for i in range(10)], arch)
+    images = np.random.default_rng(0).integers(0, 255, (40, size, size, channels), dtype=np.uint8)
+    result = compact_decompose(parent, images, np.repeat(np.arange(10), 4),
+                               CompactConfig(train_images=0, importance_per_class=2, recalibrate_images=0))
+    modules = module_set(parent, result.plan, list(result.keeps), list(result.nets), range(10))
+    outputs = {}
+    for batching in ("each", "folded"):
+        run = dataclasses.replace(modules, compact=dataclasses.replace(modules.compact, batching=batching))
+        outputs[batching] = run.logits(images[:8])
+    runner = modules.compact.runner(modules.head_weight, modules.head_bias, torch.device("cpu"))
+    assert any(isinstance(m, FoldedLayers) for m in runner.modules())  # auto folds these on a CPU
+    scale = float(outputs["each"].abs().max())
+    torch.testing.assert_close(outputs["folded"], outputs["each"], rtol=1e-4, atol=1e-5 * scale)
