@@ -20,6 +20,7 @@ run python benchmarks/compose_cost.py --method compact --limit 2000 --batchings 
 # where the composed time goes: the ten modules' own layers against the parent's layers after the shared prefix
 run python benchmarks/compose_tail.py > $W/compose_tail.txt
 run python benchmarks/compose_tail.py --batching grouped > $W/compose_tail_grouped.txt
+run python benchmarks/conv_widths.py > $W/conv_widths.txt
 # the fine-tune with its prefix cache against without, side by side on 5,000 training images
 run python benchmarks/compact_prefix_cache.py > $W/prefix_cache.txt
 # the same modules kept as float32 (twice the file bytes; the same fine-tune, unrounded)

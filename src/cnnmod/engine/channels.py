@@ -529,8 +529,9 @@ class StackedNode:
 
 
 ALIGN_MOST = 5
-"""`stack` aligns a width only where that adds at most a fifth of its channels (15 -> 16 and 20 -> 24 ran faster
-on a CPU, 12 -> 16 slower: docs/RESULTS.md, stop 21)."""
+"""`stack` aligns a width only where that adds at most a fifth of its channels: 15 -> 16 ran faster in every
+timing on a CPU; 12 -> 16 gained nothing measurable (per convolution 8.6-8.9 ms against 8.3-10.0; the whole
+12-channel composed classifier 0.77 unpadded, 0.87 padded, one noisy run each: docs/RESULTS.md, stop 21)."""
 
 
 def stack(parent: fx.GraphModule, plan: ChannelPlan, keeps: Sequence[Mapping[int, torch.Tensor]],
