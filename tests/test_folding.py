@@ -14,7 +14,7 @@ from torch import nn
 
 from cnnmod.engine import channels as ch
 from cnnmod.engine.engines import CompactNets, _folded_or_stacked
-from cnnmod.engine.folding import FoldedGather, FoldedLayers, fold, folded_blocks, unfolded_blocks
+from cnnmod.engine.folding import FoldedGather, FoldedLayers, fold, folded_blocks
 from cnnmod.errors import CnnmodError
 from fixtures.nets import parent_of
 from test_compact import TinyResidual, hand_keeps, heads, images, spaces
@@ -28,6 +28,13 @@ def parent():  # type: ignore[no-untyped-def]
 def module_nets(parent, keeps, hw, hb):  # type: ignore[no-untyped-def]
     plan = ch.channel_plan(parent.model)
     return plan, [ch.materialize(parent.model.graph, plan, k, hw[i], hb[i]) for i, k in enumerate(keeps)]
+
+
+def unfolded_blocks(x: torch.Tensor, m: int) -> torch.Tensor:
+    """(M * B, C, ...) -> (B, M * C, ...): what `folded_blocks` undoes."""
+    mb, c = x.shape[:2]
+    rest = x.shape[2:]
+    return x.reshape(m, mb // m, c, *rest).transpose(0, 1).reshape(mb // m, m * c, *rest)
 
 
 def kinds(gm) -> set[str]:  # type: ignore[no-untyped-def]

@@ -551,7 +551,7 @@ def stack(parent: fx.GraphModule, plan: ChannelPlan, keeps: Sequence[Mapping[int
 
     `align` pads the modules' own spaces further, to a multiple of it (zero channels), where that adds at most
     1 / ALIGN_MOST of their channels: convolutions of 16 channels run faster than those of 15 on a CPU's vector
-    units, while 12 padded to 16 would cost more than it saves. Spaces of the shared prefix keep their width.
+    units, while padding 12 to 16 gained nothing measurable. Spaces of the shared prefix keep their width.
 
     Each node's `meta[STACKED]` says how it holds the modules (`StackedNode`); cnnmod.engine.folding reads it.
     """

@@ -4,7 +4,8 @@
   frozen prefix of the parent) once, then their own layers as one stacked network (cnnmod.engine.channels.stack,
   modules padded to the widest): on a GPU as grouped convolutions; on a CPU channels-last with the module axis
   folded into the batch (cnnmod.engine.folding), since oneDNN runs grouped convolutions of a few channels per
-  group at about half the speed of one module's convolution on its own batch slice (docs/RESULTS.md). Without a
+  group at about 0.6 of the speed of one module's convolution on its own batch slice (13.3 against 8.3 ms for
+  ten 16-channel modules: `python benchmarks/conv_widths.py`). Without a
   shared prefix, on a CPU, the modules run one after the other on the same batch. Each module's output is its own.
 - `shared`: one network per parent holding the union of the modules' channels; one forward pass, and every
   module's head reads the shared features. It exists only where the decomposition wrote one (a shared-weight

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..errors import CnnmodError
 from .channels import STACKED, StackedHead, StackedNode, _conv_like, _set_submodule
 
-__all__ = ["fold", "folded_blocks", "unfolded_blocks"]
+__all__ = ["fold", "folded_blocks"]
 
 
 def folded_blocks(x: torch.Tensor, m: int) -> torch.Tensor:
@@ -37,13 +37,6 @@ def folded_blocks(x: torch.Tensor, m: int) -> torch.Tensor:
         moved = x.permute(0, 2, 3, 1).reshape(b, h, w, m, c).permute(3, 0, 1, 2, 4)
         return moved.reshape(m * b, h, w, c).permute(0, 3, 1, 2)
     return x.reshape(b, m, c, *rest).transpose(0, 1).reshape(m * b, c, *rest)
-
-
-def unfolded_blocks(x: torch.Tensor, m: int) -> torch.Tensor:
-    """(M * B, C, ...) -> (B, M * C, ...), the inverse of `folded_blocks`."""
-    mb, c = x.shape[:2]
-    rest = x.shape[2:]
-    return x.reshape(m, mb // m, c, *rest).transpose(0, 1).reshape(mb // m, m * c, *rest)
 
 
 def _rows(x: torch.Tensor, m: int) -> list[torch.Tensor]:
