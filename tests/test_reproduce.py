@@ -150,7 +150,6 @@ def test_report_md_holds_every_table_of_the_html_report_row_for_row(runs: dict) 
 def test_a_second_run_loads_every_part_from_the_cache(runs: dict) -> None:
     status = _status(runs["third"])
     assert set(status.values()) == {"cached", "data not here"}
-    assert runs["third"]["run_seconds"] < 30
     second = runs["second"]["table2"]["parts"]["cifar10"]["result"]
     assert runs["third"]["table2"]["parts"]["cifar10"]["result"] == second
     assert sorted(p.name for p in (runs["out"] / "models").iterdir())  # trained parents are cached too
