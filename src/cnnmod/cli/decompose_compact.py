@@ -6,8 +6,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import click
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from ..engine.compact import CompactConfig, compact_decompose, cost_record, module_set, training_epoch_cost
@@ -35,8 +35,7 @@ def decompose_compact(model: ModelSource, data_path: Path, data_format: str | No
                       out: Path, config: CompactConfig, weights_dtype: str, training_epoch: str, overwrite: bool,
                       device: str | None, as_json: bool) -> None:
     check_output(out, "store", overwrite)
-    if resolve_device(device).type != "cpu":
-        click.echo("note: --method compact runs on the CPU", err=True)
+    where = resolve_device(device)
     data = open_dataset(data_path, data_format, None, as_json)
     parent = open_parent(model, data.classes, images=data.train.images)
     labels = relabel(data.train.labels, data.train.classes, parent.classes)
@@ -59,10 +58,10 @@ def decompose_compact(model: ModelSource, data_path: Path, data_format: str | No
 
     start = time.perf_counter()
     with EnergyMeter() as meter:
-        result = compact_decompose(parent, images, labels, config, classes, progress)
+        result = compact_decompose(parent, images, labels, config, classes, progress, where)
     bar.close()
     seconds = time.perf_counter() - start
-    epoch = _training_epoch(parent, images, labels, training_epoch, config.seed, as_json)
+    epoch = _training_epoch(parent, images, labels, training_epoch, config.seed, where, as_json)
     cost = cost_record(result.cost, meter.report.to_json(), epoch)
     modules = module_set(parent, result.plan, list(result.keeps), list(result.nets), classes,
                          config.to_json(), None, "exact", weights_dtype)
@@ -91,7 +90,7 @@ def decompose_compact(model: ModelSource, data_path: Path, data_format: str | No
 
 
 def _training_epoch(parent: Parent, images: np.ndarray, labels: np.ndarray, measure: str, seed: int,
-                    as_json: bool) -> dict:
+                    device: torch.device, as_json: bool) -> dict:
     """What one training epoch of the parent costs, with a progress bar over a whole measured epoch."""
     bar = tqdm(total=len(images), desc="measuring a training epoch", unit="img",
                disable=not show_progress(not as_json) or measure != "epoch", leave=False)
@@ -100,6 +99,6 @@ def _training_epoch(parent: Parent, images: np.ndarray, labels: np.ndarray, meas
         bar.update(done - bar.n)
 
     try:
-        return training_epoch_cost(parent, images, labels, measure, seed=seed, progress=progress)
+        return training_epoch_cost(parent, images, labels, measure, seed=seed, progress=progress, device=device)
     finally:
         bar.close()

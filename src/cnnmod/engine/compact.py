@@ -437,13 +437,14 @@ def vote_loss(margins: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor
 def fine_tune(parent: Parent, nets: list[fx.GraphModule], images: np.ndarray, labels: np.ndarray,
               classes: Sequence[int], config: CompactConfig,
               progress: Callable[[str, int, int, float], None] | None = None, cut: str | None = None,
-              frozen: bool = False, parent_prefix: bool = False, hint: torch.Tensor | None = None
-              ) -> tuple[int, int]:
+              frozen: bool = False, parent_prefix: bool = False, hint: torch.Tensor | None = None,
+              device: torch.device | str = "cpu") -> tuple[int, int]:
     """Fine-tune the module networks together (in place) on `config.train_images` images; returns the images the
     fine-tune saw and those the prefix cache computed (`progress` gets the stage: "prefix cache" or "fine-tune").
     A network may also be M stacked modules, (B, ...) -> (B, M, 2). With a `cut`, the layers before it are one
     copy shared by all modules (the first network's), run once;
-    `hint` (the parent's channels that the prefix keeps at the cut) adds the feature hint."""
+    `hint` (the parent's channels that the prefix keeps at the cut) adds the feature hint. The networks train on
+    `device` and are back on the CPU when it returns."""
     n = config.train_images
     if n == 0 or config.lr == 0:
         return 0, 0
@@ -455,10 +456,10 @@ def fine_tune(parent: Parent, nets: list[fx.GraphModule], images: np.ndarray, la
         teacher = split_at(teacher_graph(parent), cut) if parent_prefix or hint is not None else None
         try:
             return _fine_tune(parent, trunk, tails, images, labels, classes, config, progress, frozen, teacher,
-                              None if parent_prefix else hint)
+                              None if parent_prefix else hint, device)
         finally:
             share_prefix(nets, trunk)
-    return _fine_tune(parent, nn.Identity(), nets, images, labels, classes, config, progress)
+    return _fine_tune(parent, nn.Identity(), nets, images, labels, classes, config, progress, device=device)
 
 
 @torch.no_grad()
@@ -474,12 +475,28 @@ def share_prefix(nets: Sequence[fx.GraphModule], trunk: fx.GraphModule) -> None:
 def _fine_tune(parent: Parent, trunk: nn.Module, nets: Sequence[nn.Module], images: np.ndarray,
                labels: np.ndarray, classes: Sequence[int], config: CompactConfig,
                progress: Callable[[str, int, int, float], None] | None, frozen: bool = False,
-               teacher_split: tuple[nn.Module, nn.Module] | None = None, hint: torch.Tensor | None = None
-               ) -> tuple[int, int]:
+               teacher_split: tuple[nn.Module, nn.Module] | None = None, hint: torch.Tensor | None = None,
+               device: torch.device | str = "cpu") -> tuple[int, int]:
     """The fine-tune loop; `frozen`: the trunk is not trained; `teacher_split`: the parent cut where the trunk
     ends, whose first part is the trunk itself (then one pass gives both the teacher and the trunk's output)
     unless `hint` is given: then the trunk is narrower, and its output is pulled towards these channels of the
-    parent's."""
+    parent's. Everything runs on `device` (random numbers come from CPU generators, so a seed gives the same
+    batches and augmentations on any device); the networks are back on the CPU, in place, when it returns."""
+    device = torch.device(device)
+    try:
+        return _fine_tune_on(parent, trunk, nets, images, labels, classes, config, progress, frozen, teacher_split,
+                             hint, device)
+    finally:
+        for net in (trunk, *nets):
+            net.eval()
+            net.to("cpu", memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+
+
+def _fine_tune_on(parent: Parent, trunk: nn.Module, nets: Sequence[nn.Module], images: np.ndarray,
+                  labels: np.ndarray, classes: Sequence[int], config: CompactConfig,
+                  progress: Callable[[str, int, int, float], None] | None, frozen: bool,
+                  teacher_split: tuple[nn.Module, nn.Module] | None, hint: torch.Tensor | None,
+                  device: torch.device) -> tuple[int, int]:
     n = config.train_images
     rng = np.random.default_rng(config.seed + 1)
     order = np.concatenate([rng.permutation(len(images)) for _ in range(math.ceil(n / len(images)))])[:n]
@@ -487,21 +504,25 @@ def _fine_tune(parent: Parent, trunk: nn.Module, nets: Sequence[nn.Module], imag
     params = [*([] if frozen else trunk.parameters()), *(p for net in nets for p in net.parameters())]
     for net in (trunk, *nets):
         net.train()
-        net.to(memory_format=_layout(parent))  # type: ignore[call-overload]
+        net.to(device, memory_format=_layout(parent))  # type: ignore[call-overload]
     if frozen:
         trunk.eval()
+    if teacher_split is not None:
+        teacher_split = (teacher_split[0].to(device), teacher_split[1].to(device))
+    if hint is not None:
+        hint = hint.to(device)
     opt = torch.optim.SGD(params, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
     steps = math.ceil(n / config.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    teacher_net = teacher_graph(parent) if teacher_split is None else None
-    columns = torch.tensor(list(classes), dtype=torch.long)
+    teacher_net = teacher_graph(parent).to(device) if teacher_split is None else None
+    columns = torch.tensor(list(classes), dtype=torch.long, device=device)
     position = torch.full((parent.num_classes,), -1, dtype=torch.long)
     position[columns] = torch.arange(len(columns))
     seen = 0
     from ..workflows.train import augment_batch, crop_padding, to_unit_float  # imported here to keep import light
 
     pad = crop_padding(*parent.input_spec.size, parent.input_spec.channels)
-    cache = prefix_cache(parent, teacher_split[0], images, config, progress) \
+    cache = prefix_cache(parent, teacher_split[0], images, config, progress, device) \
         if teacher_split is not None and hint is None and frozen and config.cache_prefix else None
     shift = max(1, round(pad * cache.shape[-1] / parent.input_spec.size[1])) if cache is not None and config.augment \
         else 0  # the crop padding, in the cut's positions
@@ -513,14 +534,14 @@ def _fine_tune(parent: Parent, trunk: nn.Module, nets: Sequence[nn.Module], imag
             assert teacher_split is not None
             mirrored = (torch.rand(len(batch), generator=generator) < 0.5).long() if cache.shape[1] == 2 \
                 else torch.zeros(len(batch), dtype=torch.long)
-            h = cache[torch.from_numpy(batch), mirrored].float()
+            h = cache[torch.from_numpy(batch), mirrored].to(device).float()
             if shift:
                 h = augment_batch(h, shift, generator, flips=False)
             h = h.contiguous(memory_format=_layout(parent))
             with torch.no_grad():
                 teacher = teacher_split[1](h)[:, columns]
         else:
-            x = to_unit_float(images[batch])
+            x = to_unit_float(images[batch], device)
             if config.augment:
                 x = augment_batch(x, pad, generator)
             x = parent.input_spec.prepare(x).contiguous(memory_format=_layout(parent))
@@ -537,7 +558,7 @@ def _fine_tune(parent: Parent, trunk: nn.Module, nets: Sequence[nn.Module], imag
                     teacher = teacher_net(x)[:, columns]
                     if frozen:
                         h = trunk(x)
-        y = position[torch.as_tensor(labels[batch], dtype=torch.long)]
+        y = position[torch.as_tensor(labels[batch], dtype=torch.long)].to(device)
         if not frozen:
             h = trunk(x)
         outs = torch.cat([out.reshape(len(out), -1, 2) for out in (net(h) for net in nets)], 1)  # (B, M, 2)
@@ -554,9 +575,6 @@ def _fine_tune(parent: Parent, trunk: nn.Module, nets: Sequence[nn.Module], imag
         seen += len(batch)
         if progress is not None:
             progress("fine-tune", seen, n, float(loss.detach()))
-    for net in (trunk, *nets):
-        net.eval()
-        net.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     return seen, 0 if cache is None else cache.shape[0] * cache.shape[1]
 
 
@@ -570,14 +588,16 @@ prefix (ResNet-20 on CIFAR-10: 1.6 GiB for 50,000 images and their mirror images
 
 @torch.no_grad()
 def prefix_cache(parent: Parent, prefix: nn.Module, images: np.ndarray, config: CompactConfig,
-                 progress: Callable[[str, int, int, float], None] | None = None) -> torch.Tensor | None:
-    """The frozen prefix's output for every image (and, with augmentation, its mirror image) as float16,
-    (N, 1 or 2, C, H, W); None where it would not pay or would not fit (CACHE_MIN_REPEATS, CACHE_MAX_BYTES)."""
+                 progress: Callable[[str, int, int, float], None] | None = None,
+                 device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """The frozen prefix's output for every image (and, with augmentation, its mirror image) as float16 in the
+    CPU's memory, (N, 1 or 2, C, H, W); None where it would not pay or would not fit (CACHE_MIN_REPEATS,
+    CACHE_MAX_BYTES). The prefix runs on `device`, where it already is."""
     mirrors = 2 if config.augment else 1
     n = len(images)
     if config.train_images < CACHE_MIN_REPEATS * mirrors * n:
         return None
-    probe = parent.input_spec.prepare(images[:1]).contiguous(memory_format=_layout(parent))
+    probe = parent.input_spec.prepare(images[:1], device).contiguous(memory_format=_layout(parent))
     shape = prefix(probe).shape[1:]
     if n * mirrors * math.prod(shape) * 2 > CACHE_MAX_BYTES:
         return None
@@ -586,11 +606,11 @@ def prefix_cache(parent: Parent, prefix: nn.Module, images: np.ndarray, config: 
 
     done = 0
     for batch in batches(np.arange(n), 256):
-        x = to_unit_float(images[batch])
+        x = to_unit_float(images[batch], device)
         for m in range(mirrors):
             view = x.flip(3) if m else x
             cache[batch[0]:batch[-1] + 1, m] = prefix(
-                parent.input_spec.prepare(view).contiguous(memory_format=_layout(parent))).to(torch.float16)
+                parent.input_spec.prepare(view).contiguous(memory_format=_layout(parent))).to("cpu", torch.float16)
         done += len(batch)
         if progress is not None:
             progress("prefix cache", done, n, float("nan"))
@@ -620,8 +640,11 @@ class CompactModules:
 
 def compact_decompose(parent: Parent, images: np.ndarray, labels: np.ndarray, config: CompactConfig,
                       classes: Sequence[int] | None = None,
-                      progress: Callable[[str, int, int, float], None] | None = None) -> CompactModules:
-    """Compact modules for `classes` (default: all) of `parent`, from labelled training images."""
+                      progress: Callable[[str, int, int, float], None] | None = None,
+                      device: torch.device | str = "cpu") -> CompactModules:
+    """Compact modules for `classes` (default: all) of `parent`, from labelled training images. The fine-tune
+    (and the prefix cache) run on `device`; the few-image passes before it run on the CPU, and the modules are
+    on the CPU."""
     start = time.perf_counter()
     chosen = list(classes) if classes is not None else list(range(parent.num_classes))
     plan = channel_plan(parent.model)
@@ -662,7 +685,7 @@ def compact_decompose(parent: Parent, images: np.ndarray, labels: np.ndarray, co
         hint = keeps[0][plan.space_of[cut]] if cut is not None and config.hint_weight > 0 and not whole \
             and cut in plan.space_of else None
         seen, cached = fine_tune(parent, trained, train_images, train_labels, chosen, config, progress, cut,
-                                 bool(frozen), whole, hint)
+                                 bool(frozen), whole, hint, device)
         if training:
             for net in trained:
                 fold_inserted_batchnorm(net)
@@ -727,7 +750,8 @@ TRAINING_EPOCH_MEASURES = ("epoch", "steps")
 
 def training_epoch_cost(parent: Parent, images: np.ndarray, labels: np.ndarray, measure: str = "epoch",
                         steps: int = 10, batch_size: int = 128, seed: int = 0,
-                        progress: Callable[[int, int], None] | None = None) -> dict:
+                        progress: Callable[[int, int], None] | None = None,
+                        device: torch.device | str = "cpu") -> dict:
     """Time and energy of one training epoch of the parent's architecture on `images` (SGD with momentum,
     `batch_size`, the training augmentation), measured with the same meter as everything else, after two
     warm-up steps.
@@ -736,7 +760,8 @@ def training_epoch_cost(parent: Parent, images: np.ndarray, labels: np.ndarray, 
     `steps` steps and takes the median step times the steps of an epoch: a quick estimate, and the median so that
     a step slowed by something else on the machine does not move it. The zoo architecture (with BatchNorm) trains
     where the parent is a zoo model; otherwise the folded graph does, which is a little cheaper than training the
-    original. `progress(images_done, images_total)` follows a whole epoch."""
+    original. `progress(images_done, images_total)` follows a whole epoch. It trains on `device`, as the fine-tune
+    it is set against does (the same meter, the same machine)."""
     from ..workflows.energy import EnergyMeter
     from ..workflows.train import augment_batch, batches, crop_padding, to_unit_float
 
@@ -761,7 +786,8 @@ def training_epoch_cost(parent: Parent, images: np.ndarray, labels: np.ndarray, 
     except Exception:  # not a zoo model (or one that will not build here): the folded graph
         model = copy.deepcopy(parent.model.graph)
         what = "the folded graph"
-    model.train()
+    device = torch.device(device)
+    model.to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(seed)
     pad = crop_padding(*parent.input_spec.size, parent.input_spec.channels)
@@ -769,12 +795,14 @@ def training_epoch_cost(parent: Parent, images: np.ndarray, labels: np.ndarray, 
     batch = min(batch_size, len(images))
 
     def step(pick: np.ndarray) -> None:
-        x = to_unit_float(images[pick])
+        x = to_unit_float(images[pick], device)
         x = parent.input_spec.prepare(augment_batch(x, pad, generator))
-        loss = F.cross_entropy(model(x), torch.as_tensor(labels[pick], dtype=torch.long))
+        loss = F.cross_entropy(model(x), torch.as_tensor(labels[pick], dtype=torch.long).to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if device.type == "cuda":  # the meter times what ran, not what was queued
+            torch.cuda.synchronize(device)
 
     def random_batch() -> np.ndarray:
         return rng.choice(len(images), size=batch, replace=False)
@@ -827,11 +855,13 @@ def cost_record(cost: CompactCost, energy: dict, epoch: dict, epochs: int = 200)
 
 def decompose_compact(parent: Parent, images: np.ndarray, labels: np.ndarray,
                       config: CompactConfig = CompactConfig(), classes: Sequence[str] | None = None,
-                      progress: Callable[[str, int, int, float], None] | None = None) -> tuple[ModuleSet, CompactCost]:
-    """Compact modules of `parent` for `classes` (default: all) as a ModuleSet, and what they cost.
+                      progress: Callable[[str, int, int, float], None] | None = None,
+                      device: torch.device | str = "cpu") -> tuple[ModuleSet, CompactCost]:
+    """Compact modules of `parent` for `classes` (default: all) as a ModuleSet, and what they cost; the fine-tune
+    runs on `device`.
 
     `images` are uint8 NHWC training images and `labels` index the parent's classes."""
     chosen = [parent.class_index(c) for c in classes] if classes else list(range(parent.num_classes))
-    result = compact_decompose(parent, images, labels, config, chosen, progress)
+    result = compact_decompose(parent, images, labels, config, chosen, progress, device)
     return module_set(parent, result.plan, list(result.keeps), list(result.nets), chosen, config.to_json()), \
         result.cost
