@@ -3,8 +3,10 @@
 For every class c:
 
 1. **Importance** (one pass over a few images per class): the Taylor importance of each channel for module c is
-   `|sum over positions of a * d(margin_c)/da|`, averaged over the images, where `margin_c = z_c - logsumexp` of
-   the other logits, summed over the nodes of the channel's space (engine/channels.py: a residual stage is one space).
+   `|sum over positions of a * d(margin_c)/da|`, where `margin_c = z_c - logsumexp` of the other logits, summed
+   over the nodes of the channel's space (engine/channels.py: a residual stage is one space), averaged over the
+   images of class c plus averaged over the images whose runner-up class is c (where c must not win). Two backward
+   passes a batch give that for every class at once (`CompactConfig.importance`).
 2. **Keep sets**: in every space, module c keeps the channels most important to it; the count per space is the
    same for every module (a per-space fraction), so all modules of a parent have the same shapes.
 3. **Materialise** each module (sliced convolutions and biases, the channeled head) and **fine-tune all modules
@@ -66,6 +68,10 @@ class CompactConfig:
     """Fraction of the channels of every other space (inside residual blocks, hidden dense layers)."""
     importance_per_class: int = 32
     """Images per class for the importance pass."""
+    importance: str = "own_and_rival"
+    """Which images count for a class's importance: "own_and_rival" (its own images and those whose runner-up it
+    is: two backward passes a batch) or "every_image" (every sampled image: one backward pass per class and
+    batch, so the pass grows with the square of the classes)."""
     train_images: int = 300_000
     """Training images seen by the fine-tune (all modules see the same images)."""
     batch_size: int = 64
@@ -114,6 +120,8 @@ class CompactConfig:
             v = getattr(self, name)
             if not 0 < v <= 1:
                 raise CnnmodError(f"{name.replace('_', ' ')} must be in (0, 1], got {v}")
+        if self.importance not in IMPORTANCES:
+            raise CnnmodError(f"importance must be one of {', '.join(IMPORTANCES)}, got {self.importance!r}")
         if self.batching not in ("grouped", "each"):
             raise CnnmodError(f"batching must be grouped or each, got {self.batching!r}")
         if self.importance_per_class < 1 or self.batch_size < 2 or self.train_images < 0:
@@ -138,8 +146,11 @@ class CompactConfig:
     @classmethod
     def from_json(cls, d: dict) -> CompactConfig:
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**{"importance": "every_image",  # what a record from before the choice existed used
+                      **{k: v for k, v in d.items() if k in names}})
 
+
+IMPORTANCES = ("own_and_rival", "every_image")
 
 NARROW_PREFIX: dict[str, Any] = {"freeze_prefix": False, "lr": 0.004, "train_images": 100_000, "hint_weight": 5.0,
                                  "label_weight": 0.5}
@@ -196,17 +207,24 @@ def _sample(labels: np.ndarray, classes: Sequence[int], per_class: int, rng: np.
     return np.sort(np.concatenate(picks))
 
 
+def _margins(logits: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+    """Each row's margin of its `picked` class: that logit less the logsumexp of the others."""
+    own = logits.gather(1, picked[:, None]).squeeze(1)
+    return own - torch.logsumexp(logits.scatter(1, picked[:, None], float("-inf")), 1)
+
+
 def class_importance(parent: Parent, plan: ChannelPlan, images: np.ndarray, classes: Sequence[int],
-                     batch_size: int = 64) -> dict[int, torch.Tensor]:
-    """Per prunable space, (len(classes), size) Taylor importance of each channel for each class's margin."""
-    model = parent.model
-    sites = [s for s in model.site_list("relu") if plan.space_of.get(s.name) in set(plan.prunable)]
-    if not sites:
-        raise CnnmodError("the parent has no ReLU inside a prunable channel space")
+                     batch_size: int = 64, labels: np.ndarray | None = None) -> dict[int, torch.Tensor]:
+    """Per prunable space, (len(classes), size) Taylor importance of each channel for each class's margin.
+
+    Without `labels`, every image counts for every class: one backward pass per class and batch. With `labels`
+    (the images' classes, as the parent's indices), an image counts for its own class and for its rival, the
+    class the parent ranks first after it: two backward passes per batch whatever the number of classes. A class's
+    row is then the mean over its own images plus the mean over the images it is the rival of."""
+    if labels is not None:
+        return _own_and_rival_importance(parent, plan, images, labels, classes, batch_size)
     store: dict[str, torch.Tensor] = {}
-    net = with_taps(model.graph, {s.name: _Keep(store, s.name) for s in sites}).eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
+    sites, net = _importance_sites(parent, plan, store)
     idx = torch.tensor(list(classes), dtype=torch.long)
     out = {s: torch.zeros(len(classes), plan.spaces[s].size, dtype=torch.float64) for s in plan.prunable}
     for part in batch_slices(len(images), batch_size):
@@ -222,6 +240,49 @@ def class_importance(parent: Parent, plan: ChannelPlan, images: np.ndarray, clas
                 score = product.flatten(2).sum(2).abs().sum(0) if a.dim() > 2 else product.abs().sum(0)
                 out[plan.space_of[site.name]][row] += score.double()
     return {s: (v / max(len(images), 1)).float() for s, v in out.items()}
+
+
+def _importance_sites(parent: Parent, plan: ChannelPlan, store: dict[str, torch.Tensor]
+                      ) -> tuple[list, fx.GraphModule]:
+    sites = [s for s in parent.model.site_list("relu") if plan.space_of.get(s.name) in set(plan.prunable)]
+    if not sites:
+        raise CnnmodError("the parent has no ReLU inside a prunable channel space")
+    net = with_taps(parent.model.graph, {s.name: _Keep(store, s.name) for s in sites}).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return sites, net
+
+
+def _own_and_rival_importance(parent: Parent, plan: ChannelPlan, images: np.ndarray, labels: np.ndarray,
+                              classes: Sequence[int], batch_size: int) -> dict[int, torch.Tensor]:
+    store: dict[str, torch.Tensor] = {}
+    sites, net = _importance_sites(parent, plan, store)
+    row_of = torch.full((parent.num_classes,), -1, dtype=torch.long)
+    row_of[torch.tensor(list(classes), dtype=torch.long)] = torch.arange(len(classes))
+    sums = [{s: torch.zeros(len(classes), plan.spaces[s].size, dtype=torch.float64) for s in plan.prunable}
+            for _ in range(2)]
+    counts = [torch.zeros(len(classes), dtype=torch.float64) for _ in range(2)]
+    for part in batch_slices(len(images), batch_size):
+        x = parent.input_spec.prepare(images[part]).requires_grad_(True)
+        logits = net(x)
+        own = torch.as_tensor(labels[part], dtype=torch.long)
+        rival = logits.detach().scatter(1, own[:, None], float("-inf")).argmax(1)
+        acts = [store[s.name] for s in sites]
+        for which, picked in enumerate((own, rival)):
+            rows = row_of[picked]
+            counted = rows >= 0
+            if not counted.any():
+                continue
+            # an image's activations reach only its own logits (eval mode), so one backward pass of the summed
+            # margins gives every image the gradient of its own margin
+            grads = torch.autograd.grad(_margins(logits, picked)[counted].sum(), acts, retain_graph=which == 0)
+            for site, a, g in zip(sites, acts, grads, strict=True):
+                product = a.detach() * g
+                score = product.flatten(2).sum(2).abs() if a.dim() > 2 else product.abs()
+                sums[which][plan.space_of[site.name]].index_add_(0, rows[counted], score[counted].double())
+            counts[which].index_add_(0, rows[counted], torch.ones(int(counted.sum()), dtype=torch.float64))
+    means = [{s: v / n.clamp(min=1)[:, None] for s, v in part.items()} for part, n in zip(sums, counts, strict=True)]
+    return {s: (means[0][s] + means[1][s]).float() for s in plan.prunable}
 
 
 def stream_spaces(plan: ChannelPlan) -> set[int]:
@@ -652,7 +713,8 @@ def compact_decompose(parent: Parent, images: np.ndarray, labels: np.ndarray, co
     sample = _sample(labels, range(parent.num_classes), config.importance_per_class, rng)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        importance = class_importance(parent, plan, images[sample], chosen)
+        importance = class_importance(parent, plan, images[sample], chosen,
+                                      labels=labels[sample] if config.importance == "own_and_rival" else None)
         cut = choose_cut(parent, config.shared_prefix)
         common = prefix_spaces(parent, plan, cut)
         keeps = choose_keeps(importance, plan, config, common)
