@@ -16,7 +16,9 @@ from cnnmod.engine.inputs import InputSpec
 from cnnmod.engine.modules import Parent
 from cnnmod.errors import CnnmodError
 from cnnmod.storage.models_in import ModelSource, open_model
+from cnnmod.storage.store import load_store
 from cnnmod.zoo import create_model
+from fixtures.cli import ok_json
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +98,18 @@ def test_the_importance_choice_is_checked_and_old_records_read_as_what_made_them
     assert CompactConfig.from_json(recorded).importance == "own_and_rival"
     del recorded["importance"]  # a store written before the choice existed
     assert CompactConfig.from_json(recorded).importance == "every_image"
+
+
+def test_decompose_records_the_importance_it_used_and_refuses_it_for_the_paper_method(  # type: ignore[no-untyped-def]
+        cnnmod_cli, tiny_model: Path, tiny_data: Path, tmp_path: Path) -> None:
+    made = {}
+    for importance in ("own_and_rival", "every_image"):
+        made[importance] = ok_json(cnnmod_cli(
+            "decompose", tiny_model, "--data", tiny_data, "--out", tmp_path / importance, "--method", "compact",
+            "--importance", importance, "--train-images", 0, "--training-epoch", "steps", "--json"))
+        assert made[importance]["config"]["importance"] == importance
+        assert load_store(tmp_path / importance).modules.config["importance"] == importance
+    refused = cnnmod_cli("decompose", tiny_model, "--data", tiny_data, "--out", tmp_path / "paper",
+                         "--importance", "every_image")
+    assert refused.exit_code == 2 and "--importance applies to --method compact only" in refused.stderr
+    assert not (tmp_path / "paper").exists()

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ..engine.compact import TRAINING_EPOCH_MEASURES
+from ..engine.compact import IMPORTANCES, TRAINING_EPOCH_MEASURES
 from ..engine.decompose import (
     GRANULARITIES,
     VARIANTS,
@@ -73,6 +73,10 @@ from .shards import open_dataset_once, total_energy
 @click.option("--train-images", type=click.IntRange(min=0), default=None,
               help="compact: training images of the joint fine-tune (0: none) [default: 300000, or 100000 with "
                    "--prefix-keep below 1].")
+@click.option("--importance", type=click.Choice(list(IMPORTANCES)), default=IMPORTANCES[0], show_default=True,
+              help="compact: which images rank a class's channels. own_and_rival: the class's own images and those "
+                   "it is the runner-up on (two backward passes a batch, whatever the classes); every_image: every "
+                   "sampled image for every class (one pass per class: as stores made before 2026-12-03).")
 @click.option("--weights-dtype", type=click.Choice(list(WEIGHT_DTYPES)), default="float16", show_default=True,
               help="compact: how the store keeps the modules' weights. float16 takes half the bytes of float32 at "
                    "the same accuracy (docs/RESULTS.md); the modules are rounded to it when made, so the store runs "
@@ -90,8 +94,8 @@ def decompose(model: ModelSource, data_path: Path, data_format: str | None, clas
               out: Path, samples_per_class: int, tangling_ratio: float, rho: float, granularity: str,
               variant: str, sites: str, delta: float, seed: int, batch_size: int, classes_per_pass: int | None,
               keep_activity: bool, method: str, stream_keep: float | None, inner_keep: float | None,
-              prefix_keep: float, train_images: int | None, weights_dtype: str, training_epoch: str,
-              overwrite: bool, device: str | None, as_json: bool) -> None:
+              prefix_keep: float, train_images: int | None, importance: str, weights_dtype: str,
+              training_epoch: str, overwrite: bool, device: str | None, as_json: bool) -> None:
     """Decompose MODEL into one module per class using the training split of --data.
 
     Under `torchrun --nproc-per-node N -m cnnmod decompose ...` the N processes share the samples and sum their
@@ -102,7 +106,7 @@ def decompose(model: ModelSource, data_path: Path, data_format: str | None, clas
 
         one_process_only("--method compact")
         return decompose_compact(model, data_path, data_format, split_classes(classes), out,
-                                 compact_config(stream_keep, inner_keep, train_images, seed, prefix_keep),
+                                 compact_config(stream_keep, inner_keep, train_images, seed, prefix_keep, importance),
                                  weights_dtype, training_epoch, overwrite, device, as_json)
     config = DecomposeConfig(samples_per_class, tangling_ratio, rho, granularity, variant, sites, delta, seed)
     with joined(device) as (shard, device):
@@ -150,7 +154,8 @@ def decompose(model: ModelSource, data_path: Path, data_format: str | None, clas
 _METHOD_OPTIONS = {
     "paper": ("samples_per_class", "tangling_ratio", "rho", "granularity", "variant", "sites", "delta",
               "batch_size", "classes_per_pass", "keep_activity"),
-    "compact": ("stream_keep", "inner_keep", "prefix_keep", "train_images", "weights_dtype", "training_epoch"),
+    "compact": ("stream_keep", "inner_keep", "prefix_keep", "train_images", "importance", "weights_dtype",
+                "training_epoch"),
 }
 
 

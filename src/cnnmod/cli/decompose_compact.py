@@ -10,7 +10,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..engine.compact import CompactConfig, compact_decompose, cost_record, module_set, training_epoch_cost
+from ..engine.compact import (
+    IMPORTANCES,
+    CompactConfig,
+    compact_decompose,
+    cost_record,
+    module_set,
+    training_epoch_cost,
+)
 from ..engine.modules import Parent, resolve_device
 from ..progress import show_progress
 from ..storage.outputs import check_output
@@ -22,13 +29,14 @@ from .common import ModelSource, describe_spec, open_dataset, open_parent, warn_
 
 
 def compact_config(stream_keep: float | None, inner_keep: float | None, train_images: int | None,
-                   seed: int, prefix_keep: float = 1.0) -> CompactConfig:
+                   seed: int, prefix_keep: float = 1.0, importance: str = IMPORTANCES[0]) -> CompactConfig:
     """The compact method's configuration: the defaults (those of a narrowed prefix below 1), with what the
     command line set."""
     defaults = CompactConfig(seed=seed).with_prefix_keep(prefix_keep)
     return replace(defaults, stream_keep=defaults.stream_keep if stream_keep is None else stream_keep,
                    inner_keep=defaults.inner_keep if inner_keep is None else inner_keep,
-                   train_images=defaults.train_images if train_images is None else train_images)
+                   train_images=defaults.train_images if train_images is None else train_images,
+                   importance=importance)
 
 
 def decompose_compact(model: ModelSource, data_path: Path, data_format: str | None, chosen: list[str] | None,
