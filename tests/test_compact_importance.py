@@ -113,3 +113,44 @@ def test_decompose_records_the_importance_it_used_and_refuses_it_for_the_paper_m
                          "--importance", "every_image")
     assert refused.exit_code == 2 and "--importance applies to --method compact only" in refused.stderr
     assert not (tmp_path / "paper").exists()
+
+
+def _recalibrated(parent: Parent, run_prefix_once: bool | None, skip: frozenset[str], images: np.ndarray):  # type: ignore[no-untyped-def]
+    """Modules of every class, sharing the first layers up to the default cut, recalibrated on `images` (not with
+    `run_prefix_once` None)."""
+    from cnnmod.engine.channels import materialize
+    from cnnmod.engine.decompose import channel_heads
+
+    plan = channel_plan(parent.model)
+    cut = compact_module.choose_cut(parent, CompactConfig().shared_prefix)
+    classes = list(range(parent.num_classes))
+    importance = class_importance(parent, plan, images, classes)
+    keeps = compact_module.choose_keeps(importance, plan, CompactConfig(),
+                                        compact_module.prefix_spaces(parent, plan, cut))
+    hw, hb = channel_heads(parent.model.head.weight, parent.model.head.bias, classes)
+    nets = [materialize(parent.model.graph, plan, k, hw[i], hb[i]) for i, k in enumerate(keeps)]
+    x = parent.input_spec.prepare(images)
+    with torch.no_grad():
+        teacher = parent.model.graph(x)
+    if run_prefix_once is not None:
+        compact_module.recalibrate(parent, plan, keeps, nets, x, teacher, skip=skip,
+                                   cut=cut if run_prefix_once else None)
+    return [net.state_dict() for net in nets]
+
+
+def test_recalibrating_after_a_frozen_prefix_run_once_changes_no_weight(parent_and_data) -> None:  # type: ignore[no-untyped-def]
+    parent, data = parent_and_data
+    plan = channel_plan(parent.model)
+    cut = compact_module.choose_cut(parent, CompactConfig().shared_prefix)
+    assert cut is not None
+    frozen = frozenset(compact_module.prefix_layers(parent, plan, cut))
+    images = data.train.images[:48]
+    once = _recalibrated(parent, True, frozen, images)
+    each = _recalibrated(parent, False, frozen, images)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(once, each, strict=True) for k in a)
+    as_made = _recalibrated(parent, None, frozen, images)
+    moved = {k for a, b in zip(once, as_made, strict=True) for k in a if not torch.equal(a[k], b[k])}
+    prefix = {layer.target for layer in plan.layers if layer.node in frozen}
+    assert moved and not any(k.rsplit(".", 1)[0] in prefix for k in moved), moved  # the tails moved, not the prefix
+    with pytest.raises(CnnmodError, match="cannot run once"):
+        _recalibrated(parent, True, frozenset(), images)

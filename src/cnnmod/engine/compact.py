@@ -366,15 +366,22 @@ def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def recalibrate(parent: Parent, plan: ChannelPlan, keeps: Sequence[dict[int, torch.Tensor]],
                 nets: Sequence[fx.GraphModule], x: torch.Tensor, teacher: torch.Tensor, ridge: float = 1e-3,
-                skip: frozenset[str] = frozenset()) -> None:
+                skip: frozenset[str] = frozenset(), cut: str | None = None) -> None:
     """Re-estimate statistics and refit heads, in place, on one batch `x` (normalised) with the parent's logits
     `teacher` (B, M) for the modules' classes.
 
     Every layer's kept output channels get the parent's per-channel mean and spread on `x` (a scale and shift
     folded into the layer's weights and bias, layer by layer in graph order, so each layer sees its corrected
     inputs); then each 2-output head is refitted by ridge regression to the parent's (z_c, mean of the others).
-    Layers named in `skip` are left as they are.
+    Layers named in `skip` are left as they are. With a `cut` whose layers up to it are all skipped (the frozen
+    shared prefix, the same in every network), that prefix runs once and each network runs only its layers after
+    it: the same values, without running the prefix once per module (202 modules: 202 times).
     """
+    from .channels import split_at
+
+    if cut is not None and not set(prefix_layers(parent, plan, cut)) <= skip:
+        raise CnnmodError(f"the layers up to {cut!r} are recalibrated, so they cannot run once for every module")
+    prefix_out = split_at(nets[0], cut)[0](x) if cut is not None else None
     store: dict[str, torch.Tensor] = {}
     names = [layer.node for layer in plan.layers]
     tapped = with_taps(parent.model.graph, {n: _Record(store, n) for n in names})
@@ -410,7 +417,10 @@ def recalibrate(parent: Parent, plan: ChannelPlan, keeps: Sequence[dict[int, tor
         feats: dict[str, torch.Tensor] = {}
         handles.append(head.register_forward_pre_hook(lambda mod, args: feats.__setitem__("f", args[0])))  # noqa: B023
         try:
-            net(x)
+            if prefix_out is None:
+                net(x)
+            else:
+                split_at(net, cut)[1](prefix_out)  # type: ignore[arg-type]
         finally:
             for h in handles:
                 h.remove()
@@ -732,7 +742,7 @@ def compact_decompose(parent: Parent, images: np.ndarray, labels: np.ndarray, co
         if config.recalibrate_images > 0:
             with torch.no_grad():
                 teacher = parent.model.graph(x)[:, torch.tensor(chosen)]
-            recalibrate(parent, plan, keeps, nets, x, teacher, skip=frozen)
+            recalibrate(parent, plan, keeps, nets, x, teacher, skip=frozen, cut=cut if frozen else None)
             calibration = len(pick)
         training = config.train_images > 0 and config.lr > 0
         grouped = training and config.batching == "grouped" and len(nets) > 1 and same_widths(plan, keeps)
