@@ -23,6 +23,8 @@ run python benchmarks/compose_tail.py --batching grouped > $W/compose_tail_group
 run python benchmarks/conv_widths.py > $W/conv_widths.txt
 # the fine-tune with its prefix cache against without, side by side on 5,000 training images
 run python benchmarks/compact_prefix_cache.py > $W/prefix_cache.txt
+# the per-class passes before the fine-tune at 40 classes: importance and recalibration, old against new
+run python benchmarks/compact_classes.py > $W/compact_classes.txt
 # the same modules kept as float32 (twice the file bytes; the same fine-tune, unrounded)
 run cnnmod decompose $R20 --arch resnet20 --data $C10 --out stores/r20-compact-f32 --method compact \
   --weights-dtype float32 --overwrite --json > $W/decompose-f32.json
