@@ -586,9 +586,10 @@ def _fine_tune_on(parent: Parent, trunk: nn.Module, nets: Sequence[nn.Module], i
     steps = math.ceil(n / config.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     teacher_net = teacher_graph(parent).to(device) if teacher_split is None else None
-    columns = torch.tensor(list(classes), dtype=torch.long, device=device)
-    position = torch.full((parent.num_classes,), -1, dtype=torch.long)
+    columns = torch.tensor(list(classes), dtype=torch.long)
+    position = torch.full((parent.num_classes,), -1, dtype=torch.long)  # on the CPU, as the labels are
     position[columns] = torch.arange(len(columns))
+    columns = columns.to(device)
     seen = 0
     from ..workflows.train import augment_batch, crop_padding, to_unit_float  # imported here to keep import light
 
