@@ -54,7 +54,7 @@ from .channels import (
 )
 from .decompose import channel_heads
 from .inputs import batch_slices
-from .modules import ModuleSet, Parent
+from .modules import ModuleSet, Parent, resolve_device
 from .trace import with_taps
 
 
@@ -236,10 +236,14 @@ def class_importance(parent: Parent, plan: ChannelPlan, images: np.ndarray, clas
             acts = [store[s.name] for s in sites]
             grads = torch.autograd.grad(margin.sum(), acts, retain_graph=row < len(idx) - 1)
             for site, a, g in zip(sites, acts, grads, strict=True):
-                product = a.detach() * g
-                score = product.flatten(2).sum(2).abs().sum(0) if a.dim() > 2 else product.abs().sum(0)
-                out[plan.space_of[site.name]][row] += score.double()
+                out[plan.space_of[site.name]][row] += _taylor_scores(a, g).sum(0).double()
     return {s: (v / max(len(images), 1)).float() for s, v in out.items()}
+
+
+def _taylor_scores(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """(B, C): each image's |sum over positions of activation x gradient| per channel."""
+    product = a.detach() * g
+    return product.flatten(2).sum(2).abs() if a.dim() > 2 else product.abs()
 
 
 def _importance_sites(parent: Parent, plan: ChannelPlan, store: dict[str, torch.Tensor]
@@ -277,9 +281,8 @@ def _own_and_rival_importance(parent: Parent, plan: ChannelPlan, images: np.ndar
             # margins gives every image the gradient of its own margin
             grads = torch.autograd.grad(_margins(logits, picked)[counted].sum(), acts, retain_graph=which == 0)
             for site, a, g in zip(sites, acts, grads, strict=True):
-                product = a.detach() * g
-                score = product.flatten(2).sum(2).abs() if a.dim() > 2 else product.abs()
-                sums[which][plan.space_of[site.name]].index_add_(0, rows[counted], score[counted].double())
+                sums[which][plan.space_of[site.name]].index_add_(0, rows[counted],
+                                                                 _taylor_scores(a, g)[counted].double())
             counts[which].index_add_(0, rows[counted], torch.ones(int(counted.sum()), dtype=torch.float64))
     means = [{s: v / n.clamp(min=1)[:, None] for s, v in part.items()} for part, n in zip(sums, counts, strict=True)]
     return {s: (means[0][s] + means[1][s]).float() for s in plan.prunable}
@@ -713,10 +716,11 @@ class CompactModules:
 def compact_decompose(parent: Parent, images: np.ndarray, labels: np.ndarray, config: CompactConfig,
                       classes: Sequence[int] | None = None,
                       progress: Callable[[str, int, int, float], None] | None = None,
-                      device: torch.device | str = "cpu") -> CompactModules:
+                      device: torch.device | str | None = "cpu") -> CompactModules:
     """Compact modules for `classes` (default: all) of `parent`, from labelled training images. The fine-tune
-    (and the prefix cache) run on `device`; the few-image passes before it run on the CPU, and the modules are
-    on the CPU."""
+    (and the prefix cache) run on `device` (None: CUDA where it is there); the few-image passes before it run on
+    the CPU, and the modules are on the CPU."""
+    device = resolve_device(device)
     start = time.perf_counter()
     chosen = list(classes) if classes is not None else list(range(parent.num_classes))
     plan = channel_plan(parent.model)
@@ -929,7 +933,7 @@ def cost_record(cost: CompactCost, energy: dict, epoch: dict, epochs: int = 200)
 def decompose_compact(parent: Parent, images: np.ndarray, labels: np.ndarray,
                       config: CompactConfig = CompactConfig(), classes: Sequence[str] | None = None,
                       progress: Callable[[str, int, int, float], None] | None = None,
-                      device: torch.device | str = "cpu") -> tuple[ModuleSet, CompactCost]:
+                      device: torch.device | str | None = "cpu") -> tuple[ModuleSet, CompactCost]:
     """Compact modules of `parent` for `classes` (default: all) as a ModuleSet, and what they cost; the fine-tune
     runs on `device`.
 

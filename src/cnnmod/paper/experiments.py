@@ -25,7 +25,7 @@ from ..engine.compose import ComposedClassifier, compose, replace
 from ..engine.decompose import DecomposeConfig, decompose
 from ..engine.engines import compact_parameters
 from ..engine.inputs import InputSpec, as_format
-from ..engine.modules import ModuleSet, Parent, resolve_device
+from ..engine.modules import ModuleSet, Parent
 from ..progress import compact_progress, show_progress
 from ..storage.store import load_store, save_store
 from ..workflows.calibrate import calibrate, labelled_sample
@@ -167,7 +167,7 @@ def _decompose(parent: Parent, images: np.ndarray, labels: np.ndarray, config: D
     if compact is None:
         return decompose(parent, images, labels, config, classes, device=device, progress=progress)[0]
     with compact_progress(compact.train_images, "compact fine-tune", progress) as tick:
-        return decompose_compact(parent, images, labels, compact, classes, tick, resolve_device(device))[0]
+        return decompose_compact(parent, images, labels, compact, classes, tick, device)[0]
 
 
 def _intra_pair(parent: Parent, data: Dataset, train_images: np.ndarray, train_labels: np.ndarray, store: Path,

@@ -532,14 +532,12 @@ def _compact_table1(ws: Workspace, key: str, parent: Parent, data: Dataset, test
     """Size and accuracy of compact modules (`--method compact`) of one Table 1 parent, with the profile's
     fine-tune budget."""
     from ..engine.compact import CompactConfig, decompose_compact
-    from ..engine.modules import resolve_device
     from ..workflows.evaluate import evaluate, relabel
     from .experiments import parent_labels
 
     config = CompactConfig(train_images=ws.profile.compact_train_images, seed=ws.config().seed)
     try:
-        modules, cost = decompose_compact(parent, *parent_labels(parent, data.train), config,
-                                          device=resolve_device(ws.device))
+        modules, cost = decompose_compact(parent, *parent_labels(parent, data.train), config, device=ws.device)
         result = evaluate(modules, test.images, relabel(test.labels, test.classes, modules.class_names),
                           device=ws.device, progress=ws.bars)
     except CnnmodError as e:

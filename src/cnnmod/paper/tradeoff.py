@@ -16,7 +16,7 @@ from ..data import ImageSet
 from ..engine.channels import channel_plan
 from ..engine.compact import CompactConfig, decompose_compact
 from ..engine.decompose import DecomposeConfig, derive_modules
-from ..engine.modules import Parent, resolve_device, score_from_logits
+from ..engine.modules import Parent, score_from_logits
 from ..errors import CnnmodError
 from ..progress import compact_progress, show_progress
 from ..storage.store import load_store
@@ -92,7 +92,7 @@ def compact_point(parent: Parent, names: Sequence[str], train: ImageSet, images:
     start = time.perf_counter()
     with compact_progress(config.train_images, f"compact keep={keep:g}", progress) as tick:
         modules, _ = decompose_compact(parent, train.images[train_labels >= 0], train_labels[train_labels >= 0],
-                                       config, names, tick, resolve_device(device))
+                                       config, names, tick, device)
     seconds = time.perf_counter() - start
     result = evaluate(modules, images, targets, scoring, batch_size, device, progress)
     composed = result.composed[scoring]
