@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnmod.engine import channels as ch
-from cnnmod.engine.compact import module_set
+from cnnmod.engine.compact import insert_batchnorm, module_set
 from cnnmod.engine.engines import CompactNets, EngineResult, choose_engine, union_keeps
 from cnnmod.engine.modules import ModuleSet
 from cnnmod.errors import CnnmodError, StoreError
@@ -150,6 +150,48 @@ def test_stacked_execution_equals_each_module_alone_exactly(parent) -> None:  # 
         compact = CompactNets(plan, tuple(keeps), tuple(nets))
         for device_runner in (compact.runner(hw, hb, torch.device("cpu")),):
             assert torch.equal(device_runner(x), alone)
+
+
+def test_the_fine_tunes_batchnorm_starts_as_the_identity_after_every_convolution_but_the_skipped(parent) -> None:  # type: ignore[no-untyped-def]
+    plan = ch.channel_plan(parent.model)
+    keeps = hand_keeps(parent, plan)
+    hw, hb = heads()
+    x = images(16)
+    for skip in (frozenset(), frozenset({"stem", "conv_a"})):
+        net = ch.materialize(parent.model.graph, plan, keeps[0], hw[0], hb[0])
+        with torch.no_grad():
+            before = net(x)
+        insert_batchnorm(net, plan, x, skip=skip)
+        inserted = {name for name, _ in net.named_children() if name.startswith("cnnmod_bn_")}
+        assert inserted == {f"cnnmod_bn_{c}" for c in ("stem", "conv_a", "conv_b", "conv_c", "conv_d")} - \
+            {f"cnnmod_bn_{c}" for c in skip}
+        net.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(net(x), before)
+
+
+def test_convolution_statistics_over_slices_are_those_of_the_whole_batch(parent, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import cnnmod.engine.compact as compact
+
+    plan = ch.channel_plan(parent.model)
+    hw, hb = heads()
+    net = ch.materialize(parent.model.graph, plan, hand_keeps(parent, plan)[1], hw[1], hb[1])
+    targets = ["stem", "conv_a", "conv_b", "conv_c", "conv_d"]
+    x = images(37) + torch.randn(37, 1, 4, 4, generator=torch.Generator().manual_seed(3))
+    whole = compact.conv_output_stats(net, targets, x)
+    monkeypatch.setattr(compact, "STATS_SLICE_BYTES", 3 * (3 * 4 * 4 * 4))  # 3 images of the widest output
+    batches: list[int] = []
+    counter = net.register_forward_pre_hook(lambda mod, args: batches.append(len(args[0])))
+    sliced = compact.conv_output_stats(net, targets, x)
+    counter.remove()
+    assert batches == [2] + [3] * 11 + [2, 2]  # the probe, then slices of three (no slice of one image)
+    for t in targets:
+        assert whole[t][2] == sliced[t][2] == 4
+        torch.testing.assert_close(sliced[t][0], whole[t][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sliced[t][1], whole[t][1], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        out = net.get_submodule("conv_b")(F.relu(net.get_submodule("conv_a")(F.relu(net.get_submodule("stem")(x)))))
+    assert torch.equal(whole["conv_b"][0], out.transpose(0, 1).flatten(1).mean(1))  # whole: as computed before
 
 
 def test_the_shared_engine_equals_the_masked_union_network(parent) -> None:  # type: ignore[no-untyped-def]

@@ -447,22 +447,12 @@ def insert_batchnorm(net: fx.GraphModule, plan: ChannelPlan, x: torch.Tensor,
     """After every convolution of `net` (but those in `skip`), a BatchNorm whose batch statistics on `x` make it
     the identity."""
     nodes = {n.name: n for n in net.graph.nodes}
-    store: dict[str, torch.Tensor] = {}
     convs = [layer for layer in plan.layers
              if isinstance(net.get_submodule(layer.target), nn.modules.conv._ConvNd) and layer.node not in skip]
-    handles = [net.get_submodule(layer.target).register_forward_hook(
-        lambda mod, args, out, name=layer.node: store.__setitem__(name, out.detach())) for layer in convs]
-    try:
-        with torch.no_grad():
-            net(x)
-    finally:
-        for h in handles:
-            h.remove()
+    stats = conv_output_stats(net, [layer.target for layer in convs], x)
     for layer in convs:
-        out = store[layer.node]
-        mean, std = _channel_stats(out)
-        dims = out.dim() - 2
-        bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims](out.shape[1])
+        mean, std, out_dims = stats[layer.target]
+        bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[out_dims - 2](len(mean))
         with torch.no_grad():
             var = std.square()
             # a new BatchNorm tracks running statistics (the default), so it has them
@@ -479,6 +469,61 @@ def insert_batchnorm(net: fx.GraphModule, plan: ChannelPlan, x: torch.Tensor,
         node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
     net.graph.lint()
     net.recompile()
+
+
+STATS_SLICE_BYTES = 256 << 20
+"""The most bytes one convolution's output may take while `conv_output_stats` runs a batch; a larger batch runs
+in slices (a stacked network of 202 modules on 404 images of 64x64: 5.3 GB per output, 8.5 GB at its peak)."""
+
+
+@torch.no_grad()
+def conv_output_stats(net: nn.Module, targets: Sequence[str], x: torch.Tensor
+                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]]:
+    """Per output channel of each layer in `targets`: the mean and standard deviation over `x` (as
+    `_channel_stats` gives them) and the output's number of dimensions. Outputs are reduced as they are made, and
+    a batch whose outputs would pass STATS_SLICE_BYTES runs in slices whose statistics are merged in float64
+    (Chan et al.'s pairwise update); a batch within it runs whole, as before."""
+    probe: dict[str, int] = {}
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
+    merged: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}
+    mode = ["probe"]
+
+    def hook(name: str, out: torch.Tensor) -> None:
+        if mode[0] == "probe":
+            probe[name] = out[0].numel() * out.element_size()
+        elif mode[0] == "whole":
+            stats[name] = (*_channel_stats(out), out.dim())
+        else:
+            flat = out.transpose(0, 1).flatten(1).double()
+            n_b, mean_b = flat.shape[1], flat.mean(1)
+            m2_b = (flat - mean_b[:, None]).square().sum(1)
+            if name in merged:
+                n_a, mean_a, m2_a = merged[name]
+                n, delta = n_a + n_b, mean_b - mean_a
+                merged[name] = (n, mean_a + delta * n_b / n, m2_a + m2_b + delta.square() * n_a * n_b / n)
+            else:
+                merged[name] = (n_b, mean_b, m2_b)
+            stats[name] = (torch.empty(0), torch.empty(0), out.dim())
+
+    handles = [net.get_submodule(t).register_forward_hook(
+        lambda mod, args, out, t=t: hook(t, out)) for t in targets]
+    try:
+        with torch.random.fork_rng(devices=[]):  # a dropout layer draws as it did before the probe
+            net(x[:2])
+        rows = max(2, STATS_SLICE_BYTES // max(max(probe.values(), default=1), 1))
+        if rows >= len(x):
+            mode[0] = "whole"
+            net(x)
+            return stats
+        mode[0] = "sliced"
+        for part in batch_slices(len(x), rows):
+            net(x[part])
+    finally:
+        for h in handles:
+            h.remove()
+    for name, (n, mean, m2) in merged.items():
+        stats[name] = (mean.float(), (m2 / max(n - 1, 1)).sqrt().float(), stats[name][2])
+    return stats
 
 
 def fold_inserted_batchnorm(net: fx.GraphModule) -> None:
