@@ -473,7 +473,7 @@ def insert_batchnorm(net: fx.GraphModule, plan: ChannelPlan, x: torch.Tensor,
 
 STATS_SLICE_BYTES = 256 << 20
 """The most bytes one convolution's output may take while `conv_output_stats` runs a batch; a larger batch runs
-in slices (a stacked network of 202 modules on 404 images of 64x64: 5.3 GB per output, 8.5 GB at its peak)."""
+in slices (a stacked network of 202 modules on 404 images of 64x64: 5.3 GB per output)."""
 
 
 @torch.no_grad()
