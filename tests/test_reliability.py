@@ -460,6 +460,10 @@ def test_ctrl_c_at_any_moment_is_one_line(tmp_path: Path) -> None:
             assert all(line.startswith("memory: ") for line in lines[:-1]), (delay, err)
 
 
+def _python(script: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+
+
 def test_ctrl_c_during_an_import_waits_for_the_import(tmp_path: Path) -> None:
     """Python cannot raise KeyboardInterrupt out of importlib's callbacks (it prints "Exception ignored ...
     Traceback"); the command's handler holds the signal until the import is done, then raises it."""
@@ -470,11 +474,11 @@ def test_ctrl_c_during_an_import_waits_for_the_import(tmp_path: Path) -> None:
               "from cnnmod.cli.interrupt import install\ninstall()\n"
               "try:\n    import slow_module\n    time.sleep(5)\n    print('not interrupted')\n"
               "except KeyboardInterrupt:\n    print('after import' if sys.modules['slow_module'].done else 'inside')\n")
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    run = _python(script)
     assert (run.returncode, run.stdout.strip(), run.stderr) == (0, "after import", "")
 
 
-def test_ctrl_c_while_an_object_with_a_finaliser_is_built_waits_for_it(tmp_path: Path) -> None:
+def test_ctrl_c_while_an_object_with_a_finaliser_is_built_waits_for_it() -> None:
     """The CI failure of stop 22: SIGINT inside zipfile.ZipFile.__init__ left a half-built archive whose __del__
     printed a traceback. The handler holds the signal until such an __init__ returns."""
     script = ("import os, signal, sys, time\n"
@@ -487,23 +491,21 @@ def test_ctrl_c_while_an_object_with_a_finaliser_is_built_waits_for_it(tmp_path:
               "    def __del__(self):\n        self.ready\n"
               "try:\n    archive = Archive()\n    time.sleep(5)\n    print('not interrupted')\n"
               "except KeyboardInterrupt:\n    print('built' if 'archive' in dir() else 'half-built')\n")
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    run = _python(script)
     assert (run.returncode, run.stdout.strip(), run.stderr) == (0, "built", "")
 
 
-def test_a_finaliser_that_fails_after_ctrl_c_is_not_reported(tmp_path: Path) -> None:
+def test_a_finaliser_that_fails_after_ctrl_c_is_not_reported() -> None:
     """Objects a Ctrl-C cut short are freed as the command ends; their finalisers' errors are not the user's."""
     script = ("import os, signal, time\n"
               "from cnnmod.cli.interrupt import install\ninstall()\n"
               "class Broken:\n    def __del__(self):\n        raise AttributeError('_writing')\n"
               "def work():\n    broken = Broken()\n    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(5)\n"
               "try:\n    work()\nexcept KeyboardInterrupt:\n    print('interrupted')\n")
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    run = _python(script)
     assert (run.returncode, run.stdout.strip(), run.stderr) == (0, "interrupted", "")
-    unreported = subprocess.run([sys.executable, "-c", script.replace("os.kill(os.getpid(), signal.SIGINT)",
-                                                                      "raise KeyboardInterrupt")],
-                                capture_output=True, text=True, timeout=60)
-    assert "Exception ignored" in unreported.stderr  # without the handler, Python reports it
+    reported = _python(script.replace("os.kill(os.getpid(), signal.SIGINT)", "raise KeyboardInterrupt"))
+    assert "Exception ignored" in reported.stderr  # an interrupt that did not come through the handler: reported
 
 
 # ---------------------------------------------------------------------------- 5. permissions and leftovers

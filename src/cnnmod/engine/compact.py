@@ -485,7 +485,7 @@ def conv_output_stats(net: nn.Module, targets: Sequence[str], x: torch.Tensor
     (Chan et al.'s pairwise update); a batch within it runs whole, as before."""
     probe: dict[str, int] = {}
     stats: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
-    merged: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}
+    merged: dict[str, tuple[int, torch.Tensor, torch.Tensor, int]] = {}  # images x positions, mean, M2, dims
     mode = ["probe"]
 
     def hook(name: str, out: torch.Tensor) -> None:
@@ -497,13 +497,9 @@ def conv_output_stats(net: nn.Module, targets: Sequence[str], x: torch.Tensor
             flat = out.transpose(0, 1).flatten(1).double()
             n_b, mean_b = flat.shape[1], flat.mean(1)
             m2_b = (flat - mean_b[:, None]).square().sum(1)
-            if name in merged:
-                n_a, mean_a, m2_a = merged[name]
-                n, delta = n_a + n_b, mean_b - mean_a
-                merged[name] = (n, mean_a + delta * n_b / n, m2_a + m2_b + delta.square() * n_a * n_b / n)
-            else:
-                merged[name] = (n_b, mean_b, m2_b)
-            stats[name] = (torch.empty(0), torch.empty(0), out.dim())
+            n_a, mean_a, m2_a, _ = merged.get(name, (0, mean_b, torch.zeros_like(m2_b), out.dim()))
+            n, delta = n_a + n_b, mean_b - mean_a
+            merged[name] = (n, mean_a + delta * n_b / n, m2_a + m2_b + delta.square() * n_a * n_b / n, out.dim())
 
     handles = [net.get_submodule(t).register_forward_hook(
         lambda mod, args, out, t=t: hook(t, out)) for t in targets]
@@ -511,18 +507,14 @@ def conv_output_stats(net: nn.Module, targets: Sequence[str], x: torch.Tensor
         with torch.random.fork_rng(devices=[]):  # a dropout layer draws as it did before the probe
             net(x[:2])
         rows = max(2, STATS_SLICE_BYTES // max(max(probe.values(), default=1), 1))
-        if rows >= len(x):
-            mode[0] = "whole"
-            net(x)
-            return stats
-        mode[0] = "sliced"
-        for part in batch_slices(len(x), rows):
+        mode[0] = "whole" if rows >= len(x) else "sliced"
+        for part in [slice(None)] if mode[0] == "whole" else batch_slices(len(x), rows):
             net(x[part])
     finally:
         for h in handles:
             h.remove()
-    for name, (n, mean, m2) in merged.items():
-        stats[name] = (mean.float(), (m2 / max(n - 1, 1)).sqrt().float(), stats[name][2])
+    for name, (n, mean, m2, dims) in merged.items():
+        stats[name] = (mean.float(), (m2 / max(n - 1, 1)).sqrt().float(), dims)
     return stats
 
 
