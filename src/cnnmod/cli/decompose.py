@@ -18,7 +18,7 @@ from ..engine.decompose import (
     pass_classes,
     plan_for,
 )
-from ..engine.distributed import Shard, joined, one_process_only
+from ..engine.distributed import Shard, joined
 from ..engine.engines import WEIGHT_DTYPES
 from ..engine.memory import MemoryEstimate, estimate_decomposition, refusal, room
 from ..engine.modules import Parent
@@ -99,12 +99,12 @@ def decompose(model: ModelSource, data_path: Path, data_format: str | None, clas
     """Decompose MODEL into one module per class using the training split of --data.
 
     Under `torchrun --nproc-per-node N -m cnnmod decompose ...` the N processes share the samples and sum their
-    counts; rank 0 writes the store, which equals the one a single process writes."""
+    counts (--method compact: each fine-tunes its share of the module groups); rank 0 writes the store, which equals
+    the one a single process writes."""
     _refuse_other_methods_options(method)
     if method == "compact":
         from .decompose_compact import compact_config, decompose_compact
 
-        one_process_only("--method compact")
         return decompose_compact(model, data_path, data_format, split_classes(classes), out,
                                  compact_config(stream_keep, inner_keep, train_images, seed, prefix_keep, importance),
                                  weights_dtype, training_epoch, overwrite, device, as_json)

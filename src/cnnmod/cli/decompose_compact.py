@@ -18,6 +18,7 @@ from ..engine.compact import (
     module_set,
     training_epoch_cost,
 )
+from ..engine.distributed import Shard, joined
 from ..engine.modules import Parent, resolve_device
 from ..progress import show_progress
 from ..storage.outputs import check_output
@@ -25,7 +26,8 @@ from ..storage.store import save_store
 from ..workflows.energy import EnergyMeter
 from ..workflows.evaluate import relabel
 from .app import emit
-from .common import ModelSource, describe_spec, open_dataset, open_parent, warn_resized
+from .common import ModelSource, describe_spec, open_parent, warn_resized
+from .shards import open_dataset_once, total_energy
 
 
 def compact_config(stream_keep: float | None, inner_keep: float | None, train_images: int | None,
@@ -42,71 +44,87 @@ def compact_config(stream_keep: float | None, inner_keep: float | None, train_im
 def decompose_compact(model: ModelSource, data_path: Path, data_format: str | None, chosen: list[str] | None,
                       out: Path, config: CompactConfig, weights_dtype: str, training_epoch: str, overwrite: bool,
                       device: str | None, as_json: bool) -> None:
-    check_output(out, "store", overwrite)
-    where = resolve_device(device)
-    data = open_dataset(data_path, data_format, None, as_json)
-    parent = open_parent(model, data.classes, images=data.train.images)
-    labels = relabel(data.train.labels, data.train.classes, parent.classes)
-    images, labels = data.train.images[labels >= 0], labels[labels >= 0]
-    warn_resized(images, parent.input_spec, as_json)
-    classes = [parent.class_index(c) for c in chosen] if chosen else list(range(parent.num_classes))
-    bar = tqdm(total=config.train_images, desc="fine-tuning", unit="img", disable=not show_progress(not as_json),
-               leave=False)
-    descriptions = {"prefix cache": "computing the frozen prefix", "fine-tune": "fine-tuning"}
-    shown = ["fine-tune"]
+    with joined(device) as (shard, device):
+        shard.first(lambda: check_output(out, "store", overwrite))
+        where = resolve_device(device)
+        data = open_dataset_once(shard, data_path, data_format, as_json)
+        parent = open_parent(model, data.classes, images=data.train.images)
+        labels = relabel(data.train.labels, data.train.classes, parent.classes)
+        images, labels = data.train.images[labels >= 0], labels[labels >= 0]
+        if shard.main:
+            warn_resized(images, parent.input_spec, as_json)
+        classes = [parent.class_index(c) for c in chosen] if chosen else list(range(parent.num_classes))
+        bar = tqdm(total=config.train_images, desc="fine-tuning", unit="img",
+                   disable=not shard.main or not show_progress(not as_json), leave=False)
+        descriptions = {"prefix cache": "computing the frozen prefix", "fine-tune": "fine-tuning"}
+        shown = ["fine-tune"]
 
-    def progress(stage: str, seen: int, total: int, loss: float) -> None:
-        if shown[-1] != stage:
-            shown.append(stage)
-            bar.reset(total=total)
-            bar.set_description_str(descriptions[stage])
-        bar.update(seen - bar.n)
-        if loss == loss:  # NaN while no loss is computed
-            bar.set_postfix(loss=f"{loss:.3f}")
+        def progress(stage: str, seen: int, total: int, loss: float) -> None:
+            if shown[-1] != stage:
+                shown.append(stage)
+                bar.reset(total=total)
+                bar.set_description_str(descriptions[stage])
+            bar.update(seen - bar.n)
+            if loss == loss:  # NaN while no loss is computed
+                bar.set_postfix(loss=f"{loss:.3f}")
 
-    start = time.perf_counter()
-    with EnergyMeter() as meter:
-        result = compact_decompose(parent, images, labels, config, classes, progress, where)
-    bar.close()
-    seconds = time.perf_counter() - start
-    epoch = _training_epoch(parent, images, labels, training_epoch, config.seed, where, as_json)
-    cost = cost_record(result.cost, meter.report.to_json(), epoch)
-    modules = module_set(parent, result.plan, list(result.keeps), list(result.nets), classes,
-                         config.to_json(), None, "exact", weights_dtype)
-    provenance = {"model": str(model), "data": str(data_path), "method": "compact",
-                  "samples_observed": cost["images_seen"], "seconds": seconds, "energy": meter.report.to_json(),
-                  "cost": cost}
-    save_store(out, modules, None, provenance, overwrite=overwrite)
+        start = time.perf_counter()
+        with EnergyMeter() as meter:
+            result = compact_decompose(parent, images, labels, config, classes, progress, where, shard)
+        bar.close()
+        seconds = time.perf_counter() - start
+        energy = total_energy(shard, meter.report)
+        epoch = _training_epoch(parent, images, labels, training_epoch, config.seed, where, shard, as_json)
+        if not shard.main:
+            return
+        cost = cost_record(result.cost, energy.to_json(), epoch)
+        modules = module_set(parent, result.plan, list(result.keeps), list(result.nets), classes,
+                             config.to_json(), None, "exact", weights_dtype)
+        provenance = {"model": str(model), "data": str(data_path), "method": "compact",
+                      "samples_observed": cost["images_seen"], "seconds": seconds, "energy": energy.to_json(),
+                      "processes": shard.world, "cost": cost}
+        save_store(out, modules, None, provenance, overwrite=overwrite)
     params = [p for p, _ in modules.compact.parameters_per_module(tuple(parent.model.input_shape))]
     from ..engine.channels import parent_cost
 
     parent_params = parent_cost(parent.model)[0]
     kept = sum(params) / len(params) / parent_params
     share = cost["fraction_of_parent_training_energy"]
+    processes = f" ({shard.world} processes)" if shard.world > 1 else ""
     emit(as_json,
          {"store": str(out), "arch": parent.arch, "input_spec": parent.input_spec.to_json(), "method": "compact",
           "classes": list(modules.class_names), "config": config.to_json(), "seconds": seconds,
-          "kept_parameters_mean": kept, "weights_dtype": weights_dtype,
+          "processes": shard.world, "kept_parameters_mean": kept, "weights_dtype": weights_dtype,
           "jaccard_mean": float(modules.jaccard().mean()), "cost": cost},
-         f"wrote {out}: {len(modules)} compact modules of {parent.arch} in {seconds:.1f}s; each keeps "
+         f"wrote {out}: {len(modules)} compact modules of {parent.arch} in {seconds:.1f}s{processes}; each keeps "
          f"{kept:.1%} of the parent's parameters on average\ncost: {cost['images_seen']} images seen, "
          f"{cost['energy']['kwh']:.6f} kWh = {share:.2%} of training the parent for 200 epochs "
          f"({cost['parent_training']['kwh']:.4f} kWh: {epoch['measure']} measured, {epoch['measured_images']} "
          f"training images)\n"
          f"input: {describe_spec(parent.input_spec)}",
-         meter.report)
+         energy)
 
 
 def _training_epoch(parent: Parent, images: np.ndarray, labels: np.ndarray, measure: str, seed: int,
-                    device: torch.device, as_json: bool) -> dict:
-    """What one training epoch of the parent costs, with a progress bar over a whole measured epoch."""
-    bar = tqdm(total=len(images), desc="measuring a training epoch", unit="img",
-               disable=not show_progress(not as_json) or measure != "epoch", leave=False)
+                    device: torch.device, shard: Shard, as_json: bool) -> dict:
+    """What one training epoch of the parent costs, with a progress bar over a whole measured epoch. Under
+    torchrun each process measures its share of the epoch's images, at the same time, and the energy is their
+    sum."""
+    part = shard.part(len(images))
+    bar = tqdm(total=part.stop - part.start, desc="measuring a training epoch", unit="img",
+               disable=not shard.main or not show_progress(not as_json) or measure != "epoch", leave=False)
 
     def progress(done: int, total: int) -> None:
         bar.update(done - bar.n)
 
     try:
-        return training_epoch_cost(parent, images, labels, measure, seed=seed, progress=progress, device=device)
+        epoch = training_epoch_cost(parent, images[part], labels[part], measure, seed=seed, progress=progress,
+                                    device=device)
     finally:
         bar.close()
+    if shard.world == 1:
+        return epoch
+    return {**epoch, "measure": f"{epoch['measure']} of each of {shard.world} processes' shares",
+            "measured_images": int(shard.total(epoch["measured_images"])),
+            "epoch_images": int(shard.total(epoch["epoch_images"])),
+            "epoch_kwh": shard.total(epoch["epoch_kwh"])}
