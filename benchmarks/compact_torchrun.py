@@ -1,7 +1,7 @@
 """`cnnmod decompose --method compact` on the shared ResNet-20 under torchrun with 2 one-thread processes against
 one one-thread process, run one after the other, and whether their module files are identical.
 
-    python benchmarks/compact_torchrun.py [--train-images 300000] [--processes 2]
+    python benchmarks/compact_torchrun.py [--train-images 300000] [--processes 2] [--keep DIR]
 
 Last line: `ratio <torchrun seconds / one-process seconds>` (the whole command each time).
 """
@@ -27,7 +27,8 @@ def run(args: list[str], processes: int) -> float:
     start = time.perf_counter()
     done = subprocess.run([*launcher, "-m", "cnnmod", *args], capture_output=True, text=True, env=env)
     if done.returncode != 0:
-        sys.exit(f"failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+        errors = [line for line in done.stderr.splitlines() if "Error" in line or line.startswith("error:")]
+        sys.exit(f"failed: {errors[-1] if errors else done.returncode}")
     return time.perf_counter() - start
 
 
@@ -39,8 +40,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--train-images", type=int, default=300_000)
     ap.add_argument("--processes", type=int, default=2)
+    ap.add_argument("--keep", type=Path, help="write the two stores here (one/, many/) instead of a temporary folder")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as work:
+    with tempfile.TemporaryDirectory() as temporary:
+        work = args.keep or temporary
         common = ["decompose", str(SHARED / "models" / "resnet20-12fca82f.th"), "--arch", "resnet20", "--data",
                   str(SHARED / "data" / "cifar10-jpg.tar.gz"), "--method", "compact", "--train-images",
                   str(args.train_images), "--device", "cpu"]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnmod.engine import channels as ch
-from cnnmod.engine.compact import insert_batchnorm, module_set
+from cnnmod.engine.compact import clip_gradients, insert_batchnorm, module_groups, module_set
 from cnnmod.engine.engines import CompactNets, EngineResult, choose_engine, union_keeps
 from cnnmod.engine.modules import ModuleSet
 from cnnmod.errors import CnnmodError, StoreError
@@ -537,3 +537,45 @@ def test_a_store_of_float32_modules_converts_to_float16_and_runs_what_it_stored(
     with pytest.raises(CnnmodError, match="only compact modules"):
         stored_as(masked(parent, ch.channel_plan(parent.model), hand_keeps(parent, ch.channel_plan(parent.model)),
                          *heads()), "float16")
+
+
+@pytest.mark.parametrize(("modules", "groups"), [(10, 2), (3, 2), (1, 2), (7, 4), (2, 5)])
+def test_module_groups_are_contiguous_runs_of_near_equal_size(modules: int, groups: int) -> None:
+    runs = module_groups(modules, groups)
+    assert [i for run in runs for i in run] == list(range(modules))
+    assert len(runs) == min(modules, groups) and all(runs)
+    assert max(map(len, runs)) - min(map(len, runs)) <= 1
+
+
+@pytest.mark.parametrize("most", [0.5, 1e6])
+def test_clip_gradients_is_torchs_norm_clipping(most: float) -> None:
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(s)) for s in ((4, 3), (7,), (2, 2, 3))]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    unused = nn.Parameter(torch.randn(3))  # no gradient: left out, as torch leaves it out
+    expected = [copy.deepcopy(p.grad) for p in params]
+    reference = [nn.Parameter(torch.zeros_like(g)) for g in expected]
+    for r, g in zip(reference, expected, strict=True):
+        r.grad = g.clone()
+    torch.nn.utils.clip_grad_norm_(reference, most)
+    clip_gradients([*params, unused], most)
+    for p, r in zip(params, reference, strict=True):
+        torch.testing.assert_close(p.grad, r.grad)
+    assert unused.grad is None
+    if most < 1:
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        assert total.item() == pytest.approx(most, rel=1e-5)
+
+
+def test_keep_fractions_shrink_past_ten_classes_so_that_all_modules_cost_what_ten_do() -> None:
+    from cnnmod.engine.compact import REFERENCE_CLASSES, CompactConfig
+
+    base = CompactConfig()
+    for k in (1, 2, REFERENCE_CLASSES):
+        assert base.for_classes(k) == base
+    for k in (11, 202, 1000):
+        shrunk = base.for_classes(k)
+        assert shrunk.stream_keep < base.stream_keep and shrunk.inner_keep < base.inner_keep
+        assert k * shrunk.stream_keep * shrunk.inner_keep == pytest.approx(
+            REFERENCE_CLASSES * base.stream_keep * base.inner_keep)

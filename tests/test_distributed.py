@@ -1,6 +1,6 @@
 """torchrun: 2 CPU processes on the loopback interface decompose into a store whose module files equal, byte for
-byte, those of one process with the same seed (one rank gets no samples of some classes), and evaluate to the same
-figures; rank 1 prints nothing, and an error is printed once."""
+byte, those of one process with the same seed (one rank gets no samples of some classes; compact modules: one rank
+trains no module group), and evaluate to the same figures; rank 1 prints nothing, and an error is printed once."""
 
 from __future__ import annotations
 
@@ -96,11 +96,28 @@ def test_an_error_stops_every_rank_and_is_printed_once(stores: tuple[Path, Path,
     assert run.stdout == ""
 
 
-def test_compact_modules_under_torchrun_are_refused_once_and_nothing_is_written(tmp_path: Path) -> None:
+@pytest.mark.parametrize("processes", [2, 3])
+def test_compact_modules_of_several_processes_are_those_of_one(processes: int, tmp_path: Path) -> None:
+    # the fine-tune runs two module groups: with 3 processes one of them trains nothing and still takes part
+    args = ("decompose", MODEL, "--data", DATA, "--method", "compact", "--train-images", 256, "--training-epoch",
+            "steps", "--device", "cpu")
+    one = cnnmod(*args, "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    many = cnnmod(*args, "--out", tmp_path / "many", processes=processes)
+    assert many.returncode == 0, many.stderr
+    assert module_files(tmp_path / "many") == module_files(tmp_path / "one")
+    assert many.stdout.count("wrote ") == 1 and f"({processes} processes)" in many.stdout
+    manifest = json.loads((tmp_path / "many" / "manifest.json").read_text())
+    assert manifest["provenance"]["processes"] == processes
+    assert f"each of {processes} processes' shares" in manifest["provenance"]["cost"]["parent_training"]["measure"]
+
+
+def test_a_fine_tuned_shared_prefix_is_refused_once_under_torchrun(tmp_path: Path) -> None:
     out = tmp_path / "compact"
-    run = cnnmod("decompose", MODEL, "--data", DATA, "--method", "compact", "--out", out, processes=2)
+    run = cnnmod("decompose", MODEL, "--data", DATA, "--method", "compact", "--prefix-keep", 0.5, "--out", out,
+                 processes=2)
     assert run.returncode == 1
-    assert run.stderr.count("error: ") == 1 and "--method compact runs in one process" in run.stderr
+    assert run.stderr.count("error: ") == 1 and "runs in one process" in run.stderr
     assert not out.exists()
 
 

@@ -62,9 +62,10 @@ from .shards import open_dataset_once, total_energy
                    "network of the kept channels, fine-tuned from the parent (see docs/RESULTS.md).")
 @click.option("--stream-keep", type=FiniteFloat(0.0, 1.0, open_low=True), default=None,
               help="compact: fraction of the channels of each residual stream after the shared prefix that a "
-                   "module keeps [default: 0.25].")
+                   "module keeps [default: 0.25; past 10 classes, times sqrt(10 / classes), as --inner-keep].")
 @click.option("--inner-keep", type=FiniteFloat(0.0, 1.0, open_low=True), default=None,
-              help="compact: fraction of every other channel space after the shared prefix [default: 0.24].")
+              help="compact: fraction of every other channel space after the shared prefix [default: 0.24; past "
+                   "10 classes, times sqrt(10 / classes)].")
 @click.option("--prefix-keep", type=FiniteFloat(0.0, 1.0, open_low=True), default=1.0, show_default=True,
               help="compact: fraction of the shared prefix's channels the modules keep. 1: the parent's own first "
                    "layers, frozen (right for many classes); below 1 the prefix is narrowed to the chosen classes' "
@@ -107,7 +108,8 @@ def decompose(model: ModelSource, data_path: Path, data_format: str | None, clas
 
         return decompose_compact(model, data_path, data_format, split_classes(classes), out,
                                  compact_config(stream_keep, inner_keep, train_images, seed, prefix_keep, importance),
-                                 weights_dtype, training_epoch, overwrite, device, as_json)
+                                 weights_dtype, training_epoch, overwrite, device, as_json,
+                                 keeps_given=stream_keep is not None or inner_keep is not None)
     config = DecomposeConfig(samples_per_class, tangling_ratio, rho, granularity, variant, sites, delta, seed)
     with joined(device) as (shard, device):
         shard.first(lambda: check_output(out, "store", overwrite))

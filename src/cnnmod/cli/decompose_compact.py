@@ -20,6 +20,7 @@ from ..engine.compact import (
 )
 from ..engine.distributed import Shard, joined
 from ..engine.modules import Parent, resolve_device
+from ..errors import CnnmodError
 from ..progress import show_progress
 from ..storage.outputs import check_output
 from ..storage.store import save_store
@@ -43,9 +44,17 @@ def compact_config(stream_keep: float | None, inner_keep: float | None, train_im
 
 def decompose_compact(model: ModelSource, data_path: Path, data_format: str | None, chosen: list[str] | None,
                       out: Path, config: CompactConfig, weights_dtype: str, training_epoch: str, overwrite: bool,
-                      device: str | None, as_json: bool) -> None:
+                      device: str | None, as_json: bool, keeps_given: bool = False) -> None:
+    """Compact modules of MODEL into the store `out`; unless `keeps_given`, the keep fractions shrink past 10
+    classes (`CompactConfig.for_classes`)."""
     with joined(device) as (shard, device):
-        shard.first(lambda: check_output(out, "store", overwrite))
+        def check() -> None:
+            if shard.world > 1 and not config.freeze_prefix:
+                raise CnnmodError("--prefix-keep below 1 fine-tunes the shared prefix, which runs in one process: "
+                                  "start it without torchrun")
+            check_output(out, "store", overwrite)
+
+        shard.first(check)
         where = resolve_device(device)
         data = open_dataset_once(shard, data_path, data_format, as_json)
         parent = open_parent(model, data.classes, images=data.train.images)
@@ -54,6 +63,8 @@ def decompose_compact(model: ModelSource, data_path: Path, data_format: str | No
         if shard.main:
             warn_resized(images, parent.input_spec, as_json)
         classes = [parent.class_index(c) for c in chosen] if chosen else list(range(parent.num_classes))
+        if not keeps_given:
+            config = config.for_classes(len(classes))
         bar = tqdm(total=config.train_images, desc="fine-tuning", unit="img",
                    disable=not shard.main or not show_progress(not as_json), leave=False)
         descriptions = {"prefix cache": "computing the frozen prefix", "fine-tune": "fine-tuning"}
