@@ -154,7 +154,7 @@ class CompactConfig:
         REFERENCE_CLASSES, and past it times sqrt(REFERENCE_CLASSES / classes). A module's own layers cost about the
         product of the two fractions of the parent's layers after the cut, so all the modules together then cost
         about what REFERENCE_CLASSES modules of the unshrunk fractions do: at 202 classes the composed classifier
-        of a ResNet-20 ran in 4.2x the parent's time instead of 11.1x (docs/RESULTS.md)."""
+        of a ResNet-20 ran in 2.8-3.5x the parent's time instead of 11.1x (docs/RESULTS.md)."""
         if classes <= REFERENCE_CLASSES:
             return self
         factor = math.sqrt(REFERENCE_CLASSES / classes)
