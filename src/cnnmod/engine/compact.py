@@ -736,7 +736,10 @@ def _fine_tune_on(parent: Parent, trunk: nn.Module, nets: Sequence[nn.Module], i
 
 def _run_group(net: nn.Module, h: torch.Tensor, seed: int, step: int, group: int) -> torch.Tensor:
     """`net(h)` with the random numbers (of dropout, say) that this group draws at this step in any process."""
-    torch.manual_seed(int(np.random.SeedSequence([seed, step, group]).generate_state(1)[0]))
+    draw = int(np.random.SeedSequence([seed, step, group]).generate_state(1)[0])
+    torch.default_generator.manual_seed(draw)
+    if h.is_cuda:
+        torch.cuda.manual_seed(draw)  # this device's generator alone, which compact_decompose restores
     return net(h)
 
 
@@ -830,7 +833,7 @@ def compact_decompose(parent: Parent, images: np.ndarray, labels: np.ndarray, co
     plan = channel_plan(parent.model)
     rng = np.random.default_rng(config.seed)
     sample = _sample(labels, range(parent.num_classes), config.importance_per_class, rng)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)
         importance = class_importance(parent, plan, images[sample], chosen,
                                       labels=labels[sample] if config.importance == "own_and_rival" else None)
