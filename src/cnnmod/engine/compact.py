@@ -639,8 +639,8 @@ def _fine_tune_on(parent: Parent, trunk: nn.Module, nets: Sequence[nn.Module], i
     if shard.world > 1 and not frozen and any(True for _ in trunk.parameters()):
         raise CnnmodError("a fine-tuned shared prefix (--prefix-keep below 1) trains in one process; start it "
                           "without torchrun")
-    first_group = shard.part(len(nets)).start
-    nets = list(nets)[shard.part(len(nets))]
+    mine = shard.part(len(nets))
+    first_group, nets = mine.start, list(nets)[mine]
     rng = np.random.default_rng(config.seed + 1)
     order = np.concatenate([rng.permutation(len(images)) for _ in range(math.ceil(n / len(images)))])[:n]
     generator = torch.Generator().manual_seed(config.seed + 2)
@@ -879,7 +879,7 @@ def compact_decompose(parent: Parent, images: np.ndarray, labels: np.ndarray, co
             for net, g in zip(trained[owned], groups[owned], strict=True):
                 load_stacked(net, plan, [nets[i] for i in g])
         if shard.world > 1 and training:
-            nets = _from_owners(nets, groups, shard)
+            _load_from_owners(nets, groups, shard)
         if cut is not None:  # the same prefix: bit-identical weights in every module
             from .channels import split_at
 
@@ -895,13 +895,14 @@ def module_groups(modules: int, groups: int) -> list[list[int]]:
     return [list(range(g * modules // count, (g + 1) * modules // count)) for g in range(count)]
 
 
-def _from_owners(nets: list[fx.GraphModule], groups: Sequence[Sequence[int]], shard: Shard) -> list[fx.GraphModule]:
-    """Every module's weights as the process that fine-tuned it has them (groups are owned as `shard.part` shares
-    them), copied into this process's networks in place: the same tensors, bit for bit. A bias that the owner's
-    network gained when its BatchNorm was folded is added here too."""
+def _load_from_owners(nets: Sequence[fx.GraphModule], groups: Sequence[Sequence[int]], shard: Shard) -> None:
+    """Copy into `nets`, in place, every module's weights as the process that fine-tuned it has them (group j
+    belongs to the rank whose `shard.part` holds j): the same tensors, bit for bit. A bias that the owner's network
+    gained when its BatchNorm was folded is added here too."""
     import torch.distributed as dist
 
-    owners = [r for r in range(shard.world) for _ in range(len(groups))[Shard(r, shard.world).part(len(groups))]]
+    shares = [range(len(groups))[Shard(rank, shard.world).part(len(groups))] for rank in range(shard.world)]
+    owners = [rank for rank, share in enumerate(shares) for _ in share]
     for group, owner in zip(groups, owners, strict=True):
         for i in group:
             box: list[Any] = [{k: v.detach().cpu() for k, v in nets[i].state_dict().items()}
@@ -909,7 +910,6 @@ def _from_owners(nets: list[fx.GraphModule], groups: Sequence[Sequence[int]], sh
             dist.broadcast_object_list(box, src=owner, device=shard.device if shard.backend == "nccl" else None)
             if shard.rank != owner:
                 _load_state(nets[i], box[0])
-    return nets
 
 
 @torch.no_grad()
