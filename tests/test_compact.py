@@ -517,6 +517,39 @@ def test_an_option_of_the_other_method_is_refused_not_ignored(cnnmod_cli, tiny_m
     assert not (tmp_path / "s").exists()
 
 
+def test_auto_takes_the_method_whose_options_are_given_else_compact_up_to_its_class_limit() -> None:
+    from cnnmod.cli.decompose import COMPACT_MOST_CLASSES, auto_method
+
+    none: dict[str, list[str]] = {"paper": [], "compact": []}
+    assert auto_method(none, 10)[0] == "compact"
+    assert auto_method(none, COMPACT_MOST_CLASSES)[0] == "compact"
+    assert auto_method(none, COMPACT_MOST_CLASSES + 1)[0] == "paper"
+    assert auto_method({"paper": ["--rho"], "compact": []}, 10) == ("paper", "paper, for --rho")
+    assert auto_method({"paper": [], "compact": ["--train-images"]}, 500)[0] == "compact"
+
+
+def test_decompose_without_a_method_says_which_it_took_and_why(cnnmod_cli, tiny_model: Path, tiny_data: Path,  # type: ignore[no-untyped-def]
+                                                                tmp_path: Path) -> None:
+    from cnnmod.storage.store import load_store
+    from fixtures.cli import assert_usage_error, ok_json
+
+    paper = ok_json(cnnmod_cli("decompose", tiny_model, "--data", tiny_data, "--out", tmp_path / "p",
+                               "--samples-per-class", 5, "--json"))
+    assert paper["method"] == "paper" and paper["chosen_by"] == "paper, for --samples-per-class"
+    assert load_store(tmp_path / "p").modules.compact is None
+    compact = ok_json(cnnmod_cli("decompose", tiny_model, "--data", tiny_data, "--out", tmp_path / "c",
+                                 "--train-images", 0, "--training-epoch", "steps", "--json"))
+    assert compact["method"] == "compact" and compact["chosen_by"] == "compact, for --train-images"
+    assert load_store(tmp_path / "c").modules.compact is not None
+    text = cnnmod_cli("decompose", tiny_model, "--data", tiny_data, "--out", tmp_path / "t", "--train-images", 0,
+                      "--training-epoch", "steps")
+    assert text.exit_code == 0 and "(--method auto: compact, for --train-images)" in text.stdout
+    assert_usage_error(cnnmod_cli("decompose", tiny_model, "--data", tiny_data, "--out", tmp_path / "both",
+                                  "--rho", "0.1", "--train-images", 0),
+                       "--rho is an option of --method paper and --train-images of --method compact")
+    assert not (tmp_path / "both").exists()
+
+
 def test_a_store_of_float32_modules_converts_to_float16_and_runs_what_it_stored(parent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     import dataclasses
 

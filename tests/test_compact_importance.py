@@ -110,7 +110,7 @@ def test_decompose_records_the_importance_it_used_and_refuses_it_for_the_paper_m
         assert made[importance]["config"]["importance"] == importance
         assert load_store(tmp_path / importance).modules.config["importance"] == importance
     refused = cnnmod_cli("decompose", tiny_model, "--data", tiny_data, "--out", tmp_path / "paper",
-                         "--importance", "every_image")
+                         "--method", "paper", "--importance", "every_image")
     assert refused.exit_code == 2 and "--importance applies to --method compact only" in refused.stderr
     assert not (tmp_path / "paper").exists()
 

@@ -564,13 +564,16 @@ def test_a_truncated_model_file_is_called_damaged(work: Path) -> None:
     assert "plain checkpoint" not in run.stderr
 
 
-def test_a_class_without_samples_is_named(work: Path) -> None:
+@pytest.mark.parametrize("method", [[], ["--method", "paper"], ["--method", "compact"]])
+def test_a_class_without_samples_is_named(work: Path, method: list[str]) -> None:
     with np.load(DATA) as z:
         arrays = {k: z[k] for k in z.files}
     keep = arrays["y_train"] != 3
     arrays["x_train"], arrays["y_train"] = arrays["x_train"][keep], arrays["y_train"][keep]
     np.savez(work / "nodress.npz", **arrays)
-    assert_refused(run_main("decompose", MODEL, "--data", work / "nodress.npz", "--out", work / "s"), "'Dress'")
+    assert_refused(run_main("decompose", MODEL, "--data", work / "nodress.npz", "--out", work / "s", *method),
+                   "'Dress'")
+    assert not (work / "s").exists()
 
 
 @pytest.mark.parametrize("size, channels, mean, std", [

@@ -21,7 +21,8 @@ from ..engine.decompose import (
 from ..engine.distributed import Shard, joined
 from ..engine.engines import WEIGHT_DTYPES
 from ..engine.memory import MemoryEstimate, estimate_decomposition, refusal, room
-from ..engine.modules import Parent
+from ..engine.modules import Parent, resolve_device
+from ..errors import CnnmodError
 from ..progress import is_quiet
 from ..storage.outputs import check_output
 from ..storage.store import save_store
@@ -31,6 +32,9 @@ from .app import cli, device_option, emit, json_option, reports_errors, split_cl
 from .common import ModelSource, data_options, describe_spec, model_options, open_parent, warn_resized
 from .params import COUNT, NON_NEGATIVE, SEED, FiniteFloat
 from .shards import open_dataset_once, total_energy
+
+COMPACT_MOST_CLASSES = 100
+"""`--method auto` decomposes at most this many classes with the compact method, and more with the paper's."""
 
 
 @cli.command()
@@ -57,9 +61,11 @@ from .shards import open_dataset_once, total_energy
 @click.option("--keep-activity", is_flag=True,
               help="Also save the activity counts in the store, which `cnnmod tradeoff` and `cnnmod reuse` need "
                    "(integers: one to eight bytes per node, class and group).")
-@click.option("--method", type=click.Choice(["paper", "compact"]), default="paper", show_default=True,
-              help="paper: the parent masked per class (Pan & Rajan); compact: small modules, each its own "
-                   "network of the kept channels, fine-tuned from the parent (see docs/RESULTS.md).")
+@click.option("--method", type=click.Choice(["auto", "compact", "paper"]), default="auto", show_default=True,
+              help="compact: small modules, each its own network of the kept channels, fine-tuned from the parent "
+                   "(see docs/RESULTS.md); paper: the parent masked per class (Pan & Rajan). auto: the method whose "
+                   f"own options are given, else compact for at most {COMPACT_MOST_CLASSES} classes and paper for "
+                   "more.")
 @click.option("--stream-keep", type=FiniteFloat(0.0, 1.0, open_low=True), default=None,
               help="compact: fraction of the channels of each residual stream after the shared prefix that a "
                    "module keeps [default: 0.25; past 10 classes, times sqrt(10 / classes), as --inner-keep].")
@@ -70,7 +76,7 @@ from .shards import open_dataset_once, total_energy
               help="compact: fraction of the shared prefix's channels the modules keep. 1: the parent's own first "
                    "layers, frozen (right for many classes); below 1 the prefix is narrowed to the chosen classes' "
                    "channels and fine-tuned (for a few classes, e.g. a pair: 0.35), which changes the fine-tune's "
-                   "defaults to lr 0.004, label weight 0.5, 100000 images and a feature hint (weight 5).")
+                   "defaults to lr 0.004, 100000 images and a feature hint (weight 5).")
 @click.option("--train-images", type=click.IntRange(min=0), default=None,
               help="compact: training images of the joint fine-tune (0: none) [default: 300000, or 100000 with "
                    "--prefix-keep below 1].")
@@ -102,17 +108,17 @@ def decompose(model: ModelSource, data_path: Path, data_format: str | None, clas
     Under `torchrun --nproc-per-node N -m cnnmod decompose ...` the N processes share the samples and sum their
     counts (--method compact: each fine-tunes its share of the module groups); rank 0 writes the store, which equals
     the one a single process writes."""
-    _refuse_other_methods_options(method)
-    if method == "compact":
-        from .decompose_compact import compact_config, decompose_compact
-
-        return decompose_compact(model, data_path, data_format, split_classes(classes), out,
-                                 compact_config(stream_keep, inner_keep, train_images, seed, prefix_keep, importance),
-                                 weights_dtype, training_epoch, overwrite, device, as_json,
-                                 keeps_given=stream_keep is not None or inner_keep is not None)
+    given = _given_options()
+    _refuse_other_methods_options(method, given)
     config = DecomposeConfig(samples_per_class, tangling_ratio, rho, granularity, variant, sites, delta, seed)
     with joined(device) as (shard, device):
-        shard.first(lambda: check_output(out, "store", overwrite))
+        def check() -> None:
+            if shard.world > 1 and prefix_keep < 1:
+                raise CnnmodError("--prefix-keep below 1 fine-tunes the shared prefix, which runs in one process: "
+                                  "start it without torchrun")
+            check_output(out, "store", overwrite)
+
+        shard.first(check)
         chosen = split_classes(classes)
         data = open_dataset_once(shard, data_path, data_format, as_json)
         parent = open_parent(model, data.classes, images=data.train.images)
@@ -122,6 +128,17 @@ def decompose(model: ModelSource, data_path: Path, data_format: str | None, clas
             images, labels = images[labels >= 0], labels[labels >= 0]
         if shard.main:
             warn_resized(images, parent.input_spec, as_json)
+        chosen_by = None
+        if method == "auto":
+            method, chosen_by = auto_method(given, len(chosen) if chosen else parent.num_classes)
+        if method == "compact":
+            from .decompose_compact import compact_config, decompose_compact
+
+            return decompose_compact(
+                shard, resolve_device(device), model, data_path, parent, images, labels, chosen, out,
+                compact_config(stream_keep, inner_keep, train_images, seed, prefix_keep, importance),
+                weights_dtype, training_epoch, overwrite, as_json,
+                keeps_given=stream_keep is not None or inner_keep is not None, chosen_by=chosen_by)
         estimate = _estimate(parent, labels, config, chosen, classes_per_pass, batch_size, keep_activity,
                              shard, as_json)
         start = time.perf_counter()
@@ -134,21 +151,23 @@ def decompose(model: ModelSource, data_path: Path, data_format: str | None, clas
         if not shard.main:
             return
         modules = result.modules
-        provenance = {"model": str(model), "data": str(data_path), "samples_observed": result.samples_observed,
+        provenance = {"model": str(model), "data": str(data_path), "method": "paper", "chosen_by": chosen_by,
+                      "samples_observed": result.samples_observed,
                       "seconds": seconds, "energy": energy.to_json(), "processes": shard.world,
                       "passes": result.passes}
         save_store(out, modules, result.activity, provenance, overwrite=overwrite)
         jaccard = modules.jaccard()
         emit(as_json,
-             {"store": str(out), "arch": parent.arch, "input_spec": parent.input_spec.to_json(),
-              "classes": list(modules.class_names), "config": config.to_json(),
+             {"store": str(out), "arch": parent.arch, "input_spec": parent.input_spec.to_json(), "method": "paper",
+              "chosen_by": chosen_by, "classes": list(modules.class_names), "config": config.to_json(),
               "samples_observed": result.samples_observed, "seconds": seconds,
               "seconds_by_step": result.seconds, "processes": shard.world,
               "passes": result.passes, "memory_estimate": estimate.to_json(), "activity_kept": keep_activity,
               "jaccard_mean": float(jaccard.mean()),
               "jaccard": dict(zip(modules.class_names, jaccard.tolist(), strict=True))},
              f"wrote {out}: {len(modules)} modules of {parent.arch} from {result.samples_observed} samples in "
-             f"{seconds:.1f}s{_how(shard, result.passes)}; mean Jaccard index {float(jaccard.mean()):.4f}\n"
+             f"{seconds:.1f}s{_how(shard, result.passes)}{f' (--method auto: {chosen_by})' if chosen_by else ''}; "
+             f"mean Jaccard index {float(jaccard.mean()):.4f}\n"
              f"input: {describe_spec(parent.input_spec)}",
              energy)
 
@@ -161,14 +180,35 @@ _METHOD_OPTIONS = {
 }
 
 
-def _refuse_other_methods_options(method: str) -> None:
-    """An option of the other method, given on the command line, is an error rather than silently unused."""
+def _given_options() -> dict[str, list[str]]:
+    """Per method, the flags of its own options given on the command line."""
     ctx = click.get_current_context()
-    for other, names in _METHOD_OPTIONS.items():
-        for name in names if other != method else ():
-            if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
-                flag = "--" + name.replace("_", "-")
-                raise click.UsageError(f"{flag} applies to --method {other} only, not --method {method}", ctx)
+    return {method: ["--" + name.replace("_", "-") for name in names
+                     if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+            for method, names in _METHOD_OPTIONS.items()}
+
+
+def _refuse_other_methods_options(method: str, given: dict[str, list[str]]) -> None:
+    """An option of another method than the one chosen (or, for auto, options of both) is an error rather than
+    silently unused."""
+    ctx = click.get_current_context()
+    if method == "auto" and given["paper"] and given["compact"]:
+        raise click.UsageError(f"{given['paper'][0]} is an option of --method paper and {given['compact'][0]} "
+                               "of --method compact: give the options of one method", ctx)
+    for other, flags in given.items():
+        if other != method and method != "auto" and flags:
+            raise click.UsageError(f"{flags[0]} applies to --method {other} only, not --method {method}", ctx)
+
+
+def auto_method(given: dict[str, list[str]], classes: int) -> tuple[str, str]:
+    """The method `--method auto` takes for `classes` modules, and why: the one whose own options were given,
+    else compact up to COMPACT_MOST_CLASSES classes and paper past it."""
+    for method, flags in given.items():
+        if flags:
+            return method, f"{method}, for {flags[0]}"
+    if classes <= COMPACT_MOST_CLASSES:
+        return "compact", f"compact, for {classes} classes (at most {COMPACT_MOST_CLASSES})"
+    return "paper", f"paper, for {classes} classes (compact up to {COMPACT_MOST_CLASSES})"
 
 
 def _how(shard: Shard, passes: int) -> str:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..engine.channels import parent_cost
 from ..engine.compact import (
     IMPORTANCES,
     CompactConfig,
@@ -18,17 +19,14 @@ from ..engine.compact import (
     module_set,
     training_epoch_cost,
 )
-from ..engine.distributed import Shard, joined
-from ..engine.modules import Parent, resolve_device
-from ..errors import CnnmodError
+from ..engine.distributed import Shard
+from ..engine.modules import Parent
 from ..progress import show_progress
-from ..storage.outputs import check_output
 from ..storage.store import save_store
 from ..workflows.energy import EnergyMeter
-from ..workflows.evaluate import relabel
 from .app import emit
-from .common import ModelSource, describe_spec, open_parent, warn_resized
-from .shards import open_dataset_once, total_energy
+from .common import ModelSource, describe_spec
+from .shards import total_energy
 
 
 def compact_config(stream_keep: float | None, inner_keep: float | None, train_images: int | None,
@@ -42,72 +40,58 @@ def compact_config(stream_keep: float | None, inner_keep: float | None, train_im
                    importance=importance)
 
 
-def decompose_compact(model: ModelSource, data_path: Path, data_format: str | None, chosen: list[str] | None,
-                      out: Path, config: CompactConfig, weights_dtype: str, training_epoch: str, overwrite: bool,
-                      device: str | None, as_json: bool, keeps_given: bool = False) -> None:
-    """Compact modules of MODEL into the store `out`; unless `keeps_given`, the keep fractions shrink past 10
-    classes (`CompactConfig.for_classes`)."""
-    with joined(device) as (shard, device):
-        def check() -> None:
-            if shard.world > 1 and not config.freeze_prefix:
-                raise CnnmodError("--prefix-keep below 1 fine-tunes the shared prefix, which runs in one process: "
-                                  "start it without torchrun")
-            check_output(out, "store", overwrite)
+def decompose_compact(shard: Shard, where: torch.device, model: ModelSource, data_path: Path, parent: Parent,
+                      images: np.ndarray, labels: np.ndarray, chosen: list[str] | None, out: Path,
+                      config: CompactConfig, weights_dtype: str, training_epoch: str, overwrite: bool,
+                      as_json: bool, keeps_given: bool = False, chosen_by: str | None = None) -> None:
+    """Compact modules of `parent` (opened from MODEL, with the training images of its classes) into the store
+    `out`, inside `cnnmod decompose`'s process group; unless `keeps_given`, the keep fractions shrink past 10
+    classes (`CompactConfig.for_classes`). `chosen_by`: why `--method auto` chose compact, for the output."""
+    classes = [parent.class_index(c) for c in chosen] if chosen else list(range(parent.num_classes))
+    if not keeps_given:
+        config = config.for_classes(len(classes))
+    bar = tqdm(total=config.train_images, desc="fine-tuning", unit="img",
+               disable=not shard.main or not show_progress(not as_json), leave=False)
+    descriptions = {"prefix cache": "computing the frozen prefix", "fine-tune": "fine-tuning"}
+    shown = ["fine-tune"]
 
-        shard.first(check)
-        where = resolve_device(device)
-        data = open_dataset_once(shard, data_path, data_format, as_json)
-        parent = open_parent(model, data.classes, images=data.train.images)
-        labels = relabel(data.train.labels, data.train.classes, parent.classes)
-        images, labels = data.train.images[labels >= 0], labels[labels >= 0]
-        if shard.main:
-            warn_resized(images, parent.input_spec, as_json)
-        classes = [parent.class_index(c) for c in chosen] if chosen else list(range(parent.num_classes))
-        if not keeps_given:
-            config = config.for_classes(len(classes))
-        bar = tqdm(total=config.train_images, desc="fine-tuning", unit="img",
-                   disable=not shard.main or not show_progress(not as_json), leave=False)
-        descriptions = {"prefix cache": "computing the frozen prefix", "fine-tune": "fine-tuning"}
-        shown = ["fine-tune"]
+    def progress(stage: str, seen: int, total: int, loss: float) -> None:
+        if shown[-1] != stage:
+            shown.append(stage)
+            bar.reset(total=total)
+            bar.set_description_str(descriptions[stage])
+        bar.update(seen - bar.n)
+        if loss == loss:  # NaN while no loss is computed
+            bar.set_postfix(loss=f"{loss:.3f}")
 
-        def progress(stage: str, seen: int, total: int, loss: float) -> None:
-            if shown[-1] != stage:
-                shown.append(stage)
-                bar.reset(total=total)
-                bar.set_description_str(descriptions[stage])
-            bar.update(seen - bar.n)
-            if loss == loss:  # NaN while no loss is computed
-                bar.set_postfix(loss=f"{loss:.3f}")
-
-        start = time.perf_counter()
-        with EnergyMeter() as meter:
-            result = compact_decompose(parent, images, labels, config, classes, progress, where, shard)
-        bar.close()
-        seconds = time.perf_counter() - start
-        energy = total_energy(shard, meter.report)
-        epoch = _training_epoch(parent, images, labels, training_epoch, config.seed, where, shard, as_json)
-        if not shard.main:
-            return
-        cost = cost_record(result.cost, energy.to_json(), epoch)
-        modules = module_set(parent, result.plan, list(result.keeps), list(result.nets), classes,
-                             config.to_json(), None, "exact", weights_dtype)
-        provenance = {"model": str(model), "data": str(data_path), "method": "compact",
-                      "samples_observed": cost["images_seen"], "seconds": seconds, "energy": energy.to_json(),
-                      "processes": shard.world, "cost": cost}
-        save_store(out, modules, None, provenance, overwrite=overwrite)
+    start = time.perf_counter()
+    with EnergyMeter() as meter:
+        result = compact_decompose(parent, images, labels, config, classes, progress, where, shard)
+    bar.close()
+    seconds = time.perf_counter() - start
+    energy = total_energy(shard, meter.report)
+    epoch = _training_epoch(parent, images, labels, training_epoch, config.seed, where, shard, as_json)
+    if not shard.main:
+        return
+    cost = cost_record(result.cost, energy.to_json(), epoch)
+    modules = module_set(parent, result.plan, list(result.keeps), list(result.nets), classes,
+                         config.to_json(), None, "exact", weights_dtype)
+    provenance = {"model": str(model), "data": str(data_path), "method": "compact", "chosen_by": chosen_by,
+                  "samples_observed": cost["images_seen"], "seconds": seconds, "energy": energy.to_json(),
+                  "processes": shard.world, "cost": cost}
+    save_store(out, modules, None, provenance, overwrite=overwrite)
     params = [p for p, _ in modules.compact.parameters_per_module(tuple(parent.model.input_shape))]
-    from ..engine.channels import parent_cost
-
     parent_params = parent_cost(parent.model)[0]
     kept = sum(params) / len(params) / parent_params
     share = cost["fraction_of_parent_training_energy"]
     processes = f" ({shard.world} processes)" if shard.world > 1 else ""
     emit(as_json,
          {"store": str(out), "arch": parent.arch, "input_spec": parent.input_spec.to_json(), "method": "compact",
-          "classes": list(modules.class_names), "config": config.to_json(), "seconds": seconds,
+          "chosen_by": chosen_by, "classes": list(modules.class_names), "config": config.to_json(), "seconds": seconds,
           "processes": shard.world, "kept_parameters_mean": kept, "weights_dtype": weights_dtype,
           "jaccard_mean": float(modules.jaccard().mean()), "cost": cost},
-         f"wrote {out}: {len(modules)} compact modules of {parent.arch} in {seconds:.1f}s{processes}; each keeps "
+         f"wrote {out}: {len(modules)} compact modules of {parent.arch} in {seconds:.1f}s{processes}"
+         f"{f' (--method auto: {chosen_by})' if chosen_by else ''}; each keeps "
          f"{kept:.1%} of the parent's parameters on average\ncost: {cost['images_seen']} images seen, "
          f"{cost['energy']['kwh']:.6f} kWh = {share:.2%} of training the parent for 200 epochs "
          f"({cost['parent_training']['kwh']:.4f} kWh: {epoch['measure']} measured, {epoch['measured_images']} "

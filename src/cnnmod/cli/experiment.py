@@ -138,7 +138,7 @@ def with_common(f):  # type: ignore[no-untyped-def]
                    "`decompose --method compact` uses 300000, or 100000 with --prefix-keep below 1.")
 @click.option("--prefix-keep", type=FiniteFloat(0.0, 1.0, open_low=True), default=1.0, show_default=True,
               help="compact: the pairs' own decompositions keep this fraction of the shared prefix's channels, "
-                   "chosen for the pair and fine-tuned (`decompose --prefix-keep`: lr 0.004, label weight 0.5 and a "
+                   "chosen for the pair and fine-tuned (`decompose --prefix-keep`: lr 0.004 and a "
                    "feature hint); 1: the parent's own prefix, as in the store.")
 @with_common
 def intra_reuse(model: Path, arch: str, data_path: Path, pairs: str, method: str, train_images: int,
