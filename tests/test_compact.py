@@ -541,6 +541,9 @@ def test_decompose_without_a_method_says_which_it_took_and_why(cnnmod_cli, tiny_
                                  "--train-images", 0, "--training-epoch", "steps", "--json"))
     assert compact["method"] == "compact" and compact["chosen_by"] == "compact, for --train-images"
     assert load_store(tmp_path / "c").modules.compact is not None
+    assert load_store(tmp_path / "c").provenance["chosen_by"] == "compact, for --train-images"
+    shown = cnnmod_cli("inspect", tmp_path / "c")
+    assert "method: --method auto took compact, for --train-images" in shown.stdout
     text = cnnmod_cli("decompose", tiny_model, "--data", tiny_data, "--out", tmp_path / "t", "--train-images", 0,
                       "--training-epoch", "steps")
     assert text.exit_code == 0 and "(--method auto: compact, for --train-images)" in text.stdout

@@ -60,6 +60,8 @@ def _inspect_store(path: Path, as_json: bool) -> None:
         lines.append(f"backtracked conservatively (every input kept): {', '.join(conservative)}")
     if m.compact is not None:
         lines.append(f"compact modules, each its own network; weights stored as {m.compact.weights_dtype}")
+    if isinstance(store.provenance.get("chosen_by"), str):
+        lines.append(f"method: --method auto took {store.provenance['chosen_by']}")
     if isinstance(store.provenance.get("cost"), dict):
         lines.append(_cost_line(store.provenance["cost"]))
     lines.append(f"parent: {parent_size['parameters']} parameters, {parent_size['macs']} MACs per image, "
