@@ -33,8 +33,11 @@ from .common import ModelSource, data_options, describe_spec, model_options, ope
 from .params import COUNT, NON_NEGATIVE, SEED, FiniteFloat
 from .shards import open_dataset_once, total_energy
 
-COMPACT_MOST_CLASSES = 100
-"""`--method auto` decomposes at most this many classes with the compact method, and more with the paper's."""
+COMPACT_MOST_CLASSES = 20
+"""`--method auto` decomposes at most this many classes with the compact method, and more with the paper's: the
+most classes at which composed compact modules ran in at most the parent's time (`python
+benchmarks/compact_scale.py`, ResNet-20 at 64x64: 0.75-0.90x at 10 and 20 classes, 1.13-1.18x at 32 and 40, 2.58x
+at 100, 4.32x at 202, where the paper's modules compose in about 1.1x through the shared engine)."""
 
 
 @cli.command()
