@@ -183,6 +183,21 @@ def joined(device: str | None) -> Iterator[tuple[Shard, str | None]]:
                               "network, set GLOO_SOCKET_IFNAME=lo") from None
     try:
         yield Shard(rank, world, backend, local_world), device
+        if started and dist.is_initialized():
+            _leave_together()
     finally:
         if started and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _leave_together() -> None:
+    """Wait for every process before the group is destroyed: a process that destroys its gloo group while rank 0
+    is still writing the store was seen to abort in gloo's threads ("terminate called without an active
+    exception"; twice in one CI run). A rank that failed meanwhile does not come: then there is nothing to wait
+    for, and its error is what gets printed."""
+    import torch.distributed as dist
+
+    try:
+        dist.barrier()
+    except (RuntimeError, ValueError):
+        pass
