@@ -48,7 +48,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     sample = compact._sample(train.labels, range(k), args.per_class, rng)
     images, labels, classes = train.images[sample], train.labels[sample], list(range(k))
-    cut = compact.choose_cut(parent, config.shared_prefix)
+    cut = compact.choose_cut(parent, config)
     frozen = frozenset(compact.prefix_layers(parent, plan, cut))
     importance = compact.class_importance(parent, plan, images, classes, labels=labels)
     keeps = compact.choose_keeps(importance, plan, config, compact.prefix_spaces(parent, plan, cut))

@@ -25,7 +25,7 @@ def parent_and_data(tiny_model: Path, tiny_data: Path):  # type: ignore[no-untyp
 
 
 def _prefix(parent):  # type: ignore[no-untyped-def]
-    cut = choose_cut(parent, CompactConfig().shared_prefix)
+    cut = choose_cut(parent, CompactConfig())
     assert cut is not None, "the tiny model has a shared prefix"
     return split_at(teacher_graph(parent), cut)[0].eval()
 

@@ -122,7 +122,7 @@ def _recalibrated(parent: Parent, run_prefix_once: bool | None, skip: frozenset[
     from cnnmod.engine.decompose import channel_heads
 
     plan = channel_plan(parent.model)
-    cut = compact_module.choose_cut(parent, CompactConfig().shared_prefix)
+    cut = compact_module.choose_cut(parent, CompactConfig())
     classes = list(range(parent.num_classes))
     importance = class_importance(parent, plan, images, classes)
     keeps = compact_module.choose_keeps(importance, plan, CompactConfig(),
@@ -141,7 +141,7 @@ def _recalibrated(parent: Parent, run_prefix_once: bool | None, skip: frozenset[
 def test_recalibrating_after_a_frozen_prefix_run_once_changes_no_weight(parent_and_data) -> None:  # type: ignore[no-untyped-def]
     parent, data = parent_and_data
     plan = channel_plan(parent.model)
-    cut = compact_module.choose_cut(parent, CompactConfig().shared_prefix)
+    cut = compact_module.choose_cut(parent, CompactConfig())
     assert cut is not None
     frozen = frozenset(compact_module.prefix_layers(parent, plan, cut))
     images = data.train.images[:48]

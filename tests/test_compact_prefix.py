@@ -38,6 +38,27 @@ def test_the_narrowed_prefix_defaults_are_those_measured() -> None:
     assert (whole.prefix_keep, whole.freeze_prefix) == (1.0, True)
 
 
+@pytest.mark.parametrize(("arch", "size", "channels", "by_macs", "by_either"), [
+    ("smallcnn", 28, 1, "features_2", "features_6"),  # convolutions: 91% of the MACs, 4.5% of the parameters
+    ("resnet20", 32, 3, "relu_12", "relu_12"),  # two stages: 68% of the MACs, 24% of the parameters
+    ("vgg", 32, 3, "features_17", "features_17"),
+])
+def test_the_shared_prefix_ends_after_two_thirds_of_the_macs_or_a_quarter_of_the_parameters(
+        arch: str, size: int, channels: int, by_macs: str, by_either: str) -> None:
+    from cnnmod.engine.inputs import InputSpec
+    from cnnmod.engine.modules import Parent
+    from cnnmod.zoo import create_model
+
+    model = create_model(arch, num_classes=10, in_channels=channels, seed=0).eval()
+    parent = Parent.from_model(model, InputSpec.default((size, size), channels), [str(i) for i in range(10)], arch)
+    assert choose_cut(parent, CompactConfig()) == by_either
+    assert choose_cut(parent, CompactConfig(shared_prefix_parameters=0.0)) == by_macs
+    assert choose_cut(parent, CompactConfig(shared_prefix=0.0)) is None  # nothing shared
+    assert CompactConfig.from_json({"shared_prefix": 0.68}).shared_prefix_parameters == 0.0  # a record from before
+    with pytest.raises(CnnmodError, match="fractions must be in"):
+        CompactConfig(shared_prefix_parameters=1.5)
+
+
 def test_a_pair_with_a_narrowed_prefix_is_smaller_and_its_prefix_runs_once(cnnmod_cli, tiny_model: Path,  # type: ignore[no-untyped-def]
                                                                          tiny_data: Path, tmp_path: Path) -> None:
     kept = {}
@@ -53,7 +74,7 @@ def test_a_pair_with_a_narrowed_prefix_is_smaller_and_its_prefix_runs_once(cnnmo
         assert compact is not None and compact.shared is None
         parent = modules.parent
         plan = compact.plan
-        common = [sp for sp in prefix_spaces(parent, plan, choose_cut(parent, CompactConfig().shared_prefix))
+        common = [sp for sp in prefix_spaces(parent, plan, choose_cut(parent, CompactConfig()))
                   if plan.spaces[sp].prunable]
         assert common, "the tiny model has a shared prefix"
         for space in common:
@@ -86,7 +107,7 @@ def _hint_distance(parent, data, hint_weight: float) -> float:  # type: ignore[n
     config = replace(CompactConfig(importance_per_class=8, recalibrate_images=0, augment=False).with_prefix_keep(0.5),
                      train_images=600, hint_weight=hint_weight)
     result = compact_decompose(parent, data.train.images, data.train.labels, config, [0, 1])
-    cut = choose_cut(parent, config.shared_prefix)
+    cut = choose_cut(parent, config)
     assert cut is not None
     kept = result.keeps[0][result.plan.space_of[cut]]
     x = parent.input_spec.prepare(data.test.images)

@@ -198,7 +198,8 @@ def test_the_folded_engine_runs_the_zoo_architectures_as_each_module_alone(arch,
     parent = Parent.from_model(model, InputSpec.default((size, size), channels), [str(i) for i in range(10)], arch)
     images = np.random.default_rng(0).integers(0, 255, (40, size, size, channels), dtype=np.uint8)
     result = compact_decompose(parent, images, np.repeat(np.arange(10), 4),
-                               CompactConfig(train_images=0, importance_per_class=2, recalibrate_images=0))
+                               CompactConfig(train_images=0, importance_per_class=2, recalibrate_images=0,
+                                             shared_prefix_parameters=0.0))  # the smallcnn's convolutions too
     modules = module_set(parent, result.plan, list(result.keeps), list(result.nets), range(10))
     outputs = {}
     for batching in ("each", "folded"):

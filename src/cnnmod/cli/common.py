@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from functools import wraps
 from pathlib import Path
@@ -107,7 +108,7 @@ def _model_options(required: bool) -> Callable[[Callable[..., Any]], Callable[..
                 raise click.UsageError("model flags (--arch, --weights, --input-size, ...) need a MODEL")
             return f(*args, **kwargs)
 
-        unpacked.__doc__ = f"{(f.__doc__ or '').rstrip()}\n\n{MODEL_HELP}"
+        unpacked.__doc__ = f"{inspect.cleandoc(f.__doc__ or '')}\n\n{MODEL_HELP}"
         wrapper = input_options(unpacked)
         wrapper = click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                                default=None, help="State dict for MODEL given as code or a zoo name: .pt/.pth/.th "
