@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnmod.data import load_dataset
 from cnnmod.engine import channels as ch
 from cnnmod.engine.compact import clip_gradients, insert_batchnorm, module_groups, module_set
 from cnnmod.engine.engines import CompactNets, EngineResult, choose_engine, union_keeps
@@ -318,6 +319,10 @@ def test_decompose_compact_evaluate_and_inspect_through_the_cli(cnnmod_cli, tiny
                               "--train-images", 64, "--json"))
     assert 0 < made["kept_parameters_mean"] < 0.5
     assert made["weights_dtype"] == "float16"  # the default
+    tiny = load_dataset(tiny_data, progress=False)
+    checked = made["held_out"]  # the whole test split: it is smaller than the check's limit
+    assert checked["images"] == len(tiny.test.labels) and checked["engine"] == "exact"
+    assert checked["below_parent"] == (checked["composed"]["top1"] < checked["parent"]["top1"] - 0.01)
     cost = made["cost"]
     assert cost["fine_tune_images"] == 64 and cost["energy"]["kwh"] > 0
     assert cost["parent_training"]["epochs"] == 200 and cost["fraction_of_parent_training_energy"] > 0
@@ -330,12 +335,20 @@ def test_decompose_compact_evaluate_and_inspect_through_the_cli(cnnmod_cli, tiny
     assert set(result["seconds"]) >= {"parent", "composed"}
     assert result["composed"]["top1"] == result["engines"]["exact"]["top1"]
     shown = ok_json(cnnmod_cli("inspect", store, "--json"))
-    assert shown["provenance"]["cost"] == cost
+    assert shown["provenance"]["cost"] == cost and shown["provenance"]["held_out"] == checked
     text = cnnmod_cli("inspect", store).stdout
+    assert f"check on {checked['images']} test images at decomposition: composed top-1 " \
+           f"{checked['composed']['top1']:.4f}, parent {checked['parent']['top1']:.4f}" in text
     assert f"cost: {cost['images_seen']} images seen" in text
     assert f"= {cost['fraction_of_parent_training_energy']:.2%} of training the parent for 200 epochs" in text
     assert "training epoch measured as one whole epoch" in text
     manifest = json.loads((store / "manifest.json").read_text())
+    for held_out in ({"images": 3}, [1], {"images": "3", "composed": {"top1": 1}, "parent": {"top1": 1}}):
+        (store / "manifest.json").write_text(json.dumps({**manifest, "provenance": {**manifest["provenance"],
+                                                                                     "held_out": held_out}}))
+        shown_edited = cnnmod_cli("inspect", store)
+        assert shown_edited.exit_code == 0 and "check on test images: not shown (provenance.held_out is" \
+            in shown_edited.stdout
     for field, edit in (("seconds", "soon"), ("energy", {"kwh": [1]}), ("parent_training", 3), ("energy", "x")):
         edited = copy.deepcopy(manifest)
         edited["provenance"]["cost"][field] = edit
@@ -351,6 +364,23 @@ def test_decompose_compact_evaluate_and_inspect_through_the_cli(cnnmod_cli, tiny
     paper = ok_json(cnnmod_cli("evaluate", tmp_path / "compact", "--data", tiny_data, "--json", "--classes",
                                ",".join(made["classes"][:2])))
     assert paper["engine"] == "exact" and len(paper["modules"]) == 2
+
+
+@pytest.mark.parametrize("tolerance", [-1.0, 1.0])
+def test_decompose_warns_when_the_composed_modules_fall_below_the_parent_on_test_images(  # type: ignore[no-untyped-def]
+        cnnmod_cli, tiny_model: Path, tiny_data: Path, tmp_path: Path, monkeypatch, tolerance: float) -> None:
+    """The check's verdict (with a tolerance that always or never warns) reaches stderr as one warning line, and
+    the text output names the check either way."""
+    from cnnmod.workflows import evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module, "HELD_OUT_TOLERANCE", tolerance)
+    result = cnnmod_cli("decompose", tiny_model, "--data", tiny_data, "--out", tmp_path / "s", "--train-images", 32)
+    assert result.exit_code == 0, result.stderr
+    assert "check on " in result.stdout and " test images: composed top-1 " in result.stdout
+    warned = [line for line in result.stderr.splitlines() if line.startswith("warning: the composed modules'")]
+    assert len(warned) == (1 if tolerance < 0 else 0)
+    if warned:
+        assert "points below the parent's on" in warned[0] and "--method paper" in warned[0]
 
 
 def test_a_prefix_all_modules_share_runs_once_with_identical_outputs(parent) -> None:  # type: ignore[no-untyped-def]

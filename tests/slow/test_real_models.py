@@ -97,6 +97,7 @@ def test_default_decomposition_of_a_trained_cnn_gives_small_modules_as_accurate_
     assert made["method"] == "compact" and made["chosen_by"].startswith("compact, for 10 classes")
     assert made["kept_parameters_mean"] <= 0.30
     assert 0 < made["cost"]["fraction_of_parent_training_energy"] < 0.05  # the meter's estimate: 0.017 measured
+    assert made["held_out"]["images"] == 2000 and not made["held_out"]["below_parent"]
     result = ok_json(cnnmod_cli("evaluate", store, "--data", FASHION_MNIST, "--json"))
     assert result["samples"] == 10_000 and result["parent"]["top1"] > 0.9
     assert result["composed"]["top1"] >= result["parent"]["top1"] - 0.010

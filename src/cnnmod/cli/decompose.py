@@ -138,7 +138,7 @@ def decompose(model: ModelSource, data_path: Path, data_format: str | None, clas
             from .decompose_compact import compact_config, decompose_compact
 
             return decompose_compact(
-                shard, resolve_device(device), model, data_path, parent, images, labels, chosen, out,
+                shard, resolve_device(device), model, data_path, parent, images, labels, data.test, chosen, out,
                 compact_config(stream_keep, inner_keep, train_images, seed, prefix_keep, importance),
                 weights_dtype, training_epoch, overwrite, as_json,
                 keeps_given=stream_keep is not None or inner_keep is not None, chosen_by=chosen_by)

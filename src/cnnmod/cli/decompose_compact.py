@@ -6,10 +6,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import click
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..data import ImageSet
 from ..engine.channels import parent_cost
 from ..engine.compact import (
     IMPORTANCES,
@@ -24,6 +26,7 @@ from ..engine.modules import Parent
 from ..progress import show_progress
 from ..storage.store import save_store
 from ..workflows.energy import EnergyMeter
+from ..workflows.evaluate import held_out_check
 from .app import emit
 from .common import ModelSource, describe_spec
 from .shards import total_energy
@@ -41,12 +44,15 @@ def compact_config(stream_keep: float | None, inner_keep: float | None, train_im
 
 
 def decompose_compact(shard: Shard, where: torch.device, model: ModelSource, data_path: Path, parent: Parent,
-                      images: np.ndarray, labels: np.ndarray, chosen: list[str] | None, out: Path,
+                      images: np.ndarray, labels: np.ndarray, test: ImageSet, chosen: list[str] | None, out: Path,
                       config: CompactConfig, weights_dtype: str, training_epoch: str, overwrite: bool,
                       as_json: bool, keeps_given: bool = False, chosen_by: str | None = None) -> None:
     """Compact modules of `parent` (opened from MODEL, with the training images of its classes) into the store
     `out`, inside `cnnmod decompose`'s process group; unless `keeps_given`, the keep fractions shrink past 10
-    classes (`CompactConfig.for_classes`). `chosen_by`: why `--method auto` chose compact, for the output."""
+    classes (`CompactConfig.for_classes`). `chosen_by`: why `--method auto` chose compact, for the output. The
+    modules are checked against the parent on up to HELD_OUT_IMAGES images of the `test` split, and a composed
+    top-1 more than a point below the parent's is a warning: the fine-tune can fall short on a model unlike those
+    its defaults were measured on, and a user should not learn that from a later evaluation."""
     classes = [parent.class_index(c) for c in chosen] if chosen else list(range(parent.num_classes))
     if not keeps_given:
         config = config.for_classes(len(classes))
@@ -76,9 +82,10 @@ def decompose_compact(shard: Shard, where: torch.device, model: ModelSource, dat
     cost = cost_record(result.cost, energy.to_json(), epoch)
     modules = module_set(parent, result.plan, list(result.keeps), list(result.nets), classes,
                          config.to_json(), None, "exact", weights_dtype)
+    held_out = held_out_check(modules, test.images, test.labels, test.classes, device=where)
     provenance = {"model": str(model), "data": str(data_path), "method": "compact", "chosen_by": chosen_by,
                   "samples_observed": cost["images_seen"], "seconds": seconds, "energy": energy.to_json(),
-                  "processes": shard.world, "cost": cost}
+                  "processes": shard.world, "cost": cost, "held_out": held_out}
     save_store(out, modules, None, provenance, overwrite=overwrite)
     params = [p for p, _ in modules.compact.parameters_per_module(tuple(parent.model.input_shape))]
     parent_params = parent_cost(parent.model)[0]
@@ -89,15 +96,33 @@ def decompose_compact(shard: Shard, where: torch.device, model: ModelSource, dat
          {"store": str(out), "arch": parent.arch, "input_spec": parent.input_spec.to_json(), "method": "compact",
           "chosen_by": chosen_by, "classes": list(modules.class_names), "config": config.to_json(), "seconds": seconds,
           "processes": shard.world, "kept_parameters_mean": kept, "weights_dtype": weights_dtype,
-          "jaccard_mean": float(modules.jaccard().mean()), "cost": cost},
+          "jaccard_mean": float(modules.jaccard().mean()), "cost": cost, "held_out": held_out},
          f"wrote {out}: {len(modules)} compact modules of {parent.arch} in {seconds:.1f}s{processes}"
          f"{f' (--method auto: {chosen_by})' if chosen_by else ''}; each keeps "
          f"{kept:.1%} of the parent's parameters on average\ncost: {cost['images_seen']} images seen, "
          f"{cost['energy']['kwh']:.6f} kWh = {share:.2%} of training the parent for 200 epochs "
          f"({cost['parent_training']['kwh']:.4f} kWh: {epoch['measure']} measured, {epoch['measured_images']} "
-         f"training images)\n"
+         f"training images)\n{held_out_line(held_out)}"
          f"input: {describe_spec(parent.input_spec)}",
          energy)
+    if held_out is not None and held_out["below_parent"]:
+        gap = 100 * (held_out["parent"]["top1"] - held_out["composed"]["top1"])
+        click.echo(f"warning: the composed modules' top-1 is {gap:.2f} points below the parent's on "
+                   f"{held_out['images']} test images; more fine-tuning (--train-images) or wider modules "
+                   "(--stream-keep, --inner-keep) may close the gap, and --method paper keeps the parent's accuracy",
+                   err=True)
+
+
+def held_out_line(held_out: dict | None) -> str:
+    """One line for the text output, or nothing where there were no test images of the modules' classes."""
+    if held_out is None:
+        return ""
+    return (f"check on {held_out['images']} test images: composed top-1 {held_out['composed']['top1']:.4f}, parent "
+            f"{held_out['parent']['top1']:.4f} ({_points(held_out)} points)\n")
+
+
+def _points(held_out: dict) -> str:
+    return f"{100 * (held_out['composed']['top1'] - held_out['parent']['top1']):+.2f}"
 
 
 def _training_epoch(parent: Parent, images: np.ndarray, labels: np.ndarray, measure: str, seed: int,

@@ -64,6 +64,8 @@ def _inspect_store(path: Path, as_json: bool) -> None:
         lines.append(f"method: --method auto took {store.provenance['chosen_by']}")
     if isinstance(store.provenance.get("cost"), dict):
         lines.append(_cost_line(store.provenance["cost"]))
+    if "held_out" in store.provenance and store.provenance["held_out"] is not None:
+        lines.append(_held_out_line(store.provenance["held_out"]))
     lines.append(f"parent: {parent_size['parameters']} parameters, {parent_size['macs']} MACs per image, "
                  f"{parent_size['file_bytes']} bytes")
     lines += [f"  {c:20s} Jaccard {j:.4f}  parameters {s['parameters_fraction']:.1%}  MACs {s['macs_fraction']:.1%}  "
@@ -97,6 +99,20 @@ def _cost_line(cost: dict) -> str:
         return line
     return (f"{line} = {share:.2%} of training the parent for {training.get('epochs')} epochs "
             f"({fields['parent_training.kwh']:.4f} kWh; training epoch measured as {measured})")
+
+
+def _held_out_line(held_out: object) -> str:
+    """The parent's and the composed top-1 on the test images the decomposition checked (a possibly edited
+    record: a field of the wrong type is named instead)."""
+    try:
+        images, composed, parent = (held_out["images"], held_out["composed"]["top1"],  # type: ignore[index]
+                                    held_out["parent"]["top1"])  # type: ignore[index]
+    except (TypeError, KeyError):
+        return f"check on test images: not shown (provenance.held_out is {held_out!r})"
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (images, composed, parent)):
+        return f"check on test images: not shown (provenance.held_out is {held_out!r})"
+    return (f"check on {images} test images at decomposition: composed top-1 {composed:.4f}, parent {parent:.4f} "
+            f"({100 * (composed - parent):+.2f} points)")
 
 
 def _file_note(size: dict) -> str:

@@ -178,6 +178,28 @@ def evaluate(
     )
 
 
+HELD_OUT_IMAGES = 2000
+"""Test images a decomposition checks its modules on (spread evenly over the test split, which some datasets
+store class by class)."""
+HELD_OUT_TOLERANCE = 0.01
+"""How far below the parent's top-1 the composed top-1 on those images may be before a decomposition warns."""
+
+
+def held_out_check(modules: ModuleSet, images: np.ndarray, labels: np.ndarray, data_classes: Sequence[str],
+                   limit: int = HELD_OUT_IMAGES, device: torch.device | str | None = None) -> dict | None:
+    """The parent's and the composed classifier's top-1 and top-5 on up to `limit` labelled images of the modules'
+    classes (`labels` index `data_classes`), spread evenly over them; None where none of them is of those classes."""
+    targets = relabel(labels, data_classes, modules.class_names)
+    rows = np.flatnonzero(targets >= 0)
+    if len(rows) == 0:
+        return None
+    rows = rows[np.unique(np.linspace(0, len(rows) - 1, min(limit, len(rows))).round().astype(np.int64))]
+    result = evaluate(modules, images[rows], targets[rows], device=device, progress=False, with_parameters=False)
+    return {"images": result.samples, "parent": asdict(result.parent),
+            "composed": asdict(result.composed[result.scoring]), "engine": result.engine,
+            "below_parent": result.composed[result.scoring].top1 < result.parent.top1 - HELD_OUT_TOLERANCE}
+
+
 def engines_to_run(modules: ModuleSet, engine: str) -> list[str]:
     """The engines that run on every image: the one asked for, or with `auto` each affordable one."""
     if engine != "auto":
