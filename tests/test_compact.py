@@ -337,7 +337,7 @@ def test_decompose_compact_evaluate_and_inspect_through_the_cli(cnnmod_cli, tiny
     shown = ok_json(cnnmod_cli("inspect", store, "--json"))
     assert shown["provenance"]["cost"] == cost and shown["provenance"]["held_out"] == checked
     text = cnnmod_cli("inspect", store).stdout
-    assert f"check on {checked['images']} test images at decomposition: composed top-1 " \
+    assert f"check on {checked['images']} test images: composed top-1 " \
            f"{checked['composed']['top1']:.4f}, parent {checked['parent']['top1']:.4f}" in text
     assert f"cost: {cost['images_seen']} images seen" in text
     assert f"= {cost['fraction_of_parent_training_energy']:.2%} of training the parent for 200 epochs" in text

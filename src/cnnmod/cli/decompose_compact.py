@@ -26,7 +26,7 @@ from ..engine.modules import Parent
 from ..progress import show_progress
 from ..storage.store import save_store
 from ..workflows.energy import EnergyMeter
-from ..workflows.evaluate import held_out_check
+from ..workflows.evaluate import describe_held_out, held_out_check
 from .app import emit
 from .common import ModelSource, describe_spec
 from .shards import total_energy
@@ -117,12 +117,7 @@ def held_out_line(held_out: dict | None) -> str:
     """One line for the text output, or nothing where there were no test images of the modules' classes."""
     if held_out is None:
         return ""
-    return (f"check on {held_out['images']} test images: composed top-1 {held_out['composed']['top1']:.4f}, parent "
-            f"{held_out['parent']['top1']:.4f} ({_points(held_out)} points)\n")
-
-
-def _points(held_out: dict) -> str:
-    return f"{100 * (held_out['composed']['top1'] - held_out['parent']['top1']):+.2f}"
+    return describe_held_out(held_out["images"], held_out["composed"]["top1"], held_out["parent"]["top1"]) + "\n"
 
 
 def _training_epoch(parent: Parent, images: np.ndarray, labels: np.ndarray, measure: str, seed: int,

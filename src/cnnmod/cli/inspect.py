@@ -102,7 +102,7 @@ def _cost_line(cost: dict) -> str:
 
 
 def _held_out_line(held_out: object) -> str:
-    """The parent's and the composed top-1 on the test images the decomposition checked (a possibly edited
+    """The parent's and the composed top-1 on the test images `decompose` checked the modules on (a possibly edited
     record: a field of the wrong type is named instead)."""
     try:
         images, composed, parent = (held_out["images"], held_out["composed"]["top1"],  # type: ignore[index]
@@ -111,8 +111,9 @@ def _held_out_line(held_out: object) -> str:
         return f"check on test images: not shown (provenance.held_out is {held_out!r})"
     if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (images, composed, parent)):
         return f"check on test images: not shown (provenance.held_out is {held_out!r})"
-    return (f"check on {images} test images at decomposition: composed top-1 {composed:.4f}, parent {parent:.4f} "
-            f"({100 * (composed - parent):+.2f} points)")
+    from ..workflows.evaluate import describe_held_out
+
+    return describe_held_out(images, composed, parent)
 
 
 def _file_note(size: dict) -> str:

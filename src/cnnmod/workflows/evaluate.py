@@ -200,6 +200,12 @@ def held_out_check(modules: ModuleSet, images: np.ndarray, labels: np.ndarray, d
             "below_parent": result.composed[result.scoring].top1 < result.parent.top1 - HELD_OUT_TOLERANCE}
 
 
+def describe_held_out(images: int, composed_top1: float, parent_top1: float) -> str:
+    """The check's figures in words, as `decompose` prints them and `inspect` shows them."""
+    return (f"check on {images} test images: composed top-1 {composed_top1:.4f}, parent {parent_top1:.4f} "
+            f"({100 * (composed_top1 - parent_top1):+.2f} points)")
+
+
 def engines_to_run(modules: ModuleSet, engine: str) -> list[str]:
     """The engines that run on every image: the one asked for, or with `auto` each affordable one."""
     if engine != "auto":
