@@ -16,9 +16,10 @@ For every class c:
    parent's probability of its class, so that a module means something alone and in any subset. Modules of equal
    widths train as one stacked network of grouped convolutions (`cnnmod.engine.channels.stack`), channels-last, and
    their weights are copied back into each module's own network (`load_stacked`). The first layers, up to a cut
-   after about two thirds of the parent's multiply-accumulates, are the parent's own, frozen and shared by every
-   module; their output for each training image and its mirror image is computed once (`prefix_cache`) and each
-   step translates it at random, so a step runs only the layers after the cut.
+   after about two thirds of the parent's multiply-accumulates (or later, while they hold at most a quarter of its
+   parameters), are the parent's own, frozen and shared by every module; their output for each training image and
+   its mirror image is computed once (`prefix_cache`) and each step translates it at random, so a step runs only
+   the layers after the cut.
 
 Everything is seeded: the same parent, data and seed give the same modules. The parent is never changed.
 """
