@@ -19,6 +19,7 @@ import time
 
 from cnnmod.data import load_dataset
 from cnnmod.engine.compact import CompactConfig, compact_decompose, module_set
+from cnnmod.errors import CnnmodError
 from cnnmod.storage.models_in import ModelSource, open_model
 from cnnmod.workflows.evaluate import evaluate, relabel
 
@@ -35,8 +36,14 @@ def settings(text: str) -> CompactConfig:
         if name not in types:
             raise SystemExit(f"error: CompactConfig has no field {name!r}")
         kind = types[name]
-        changes[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
-    return dataclasses.replace(config, **changes)
+        try:
+            changes[name] = {"true": True, "false": False}[value.lower()] if kind is bool else kind(value)
+        except (KeyError, ValueError):
+            raise SystemExit(f"error: {name}={value!r} is not a {kind.__name__}") from None
+    try:
+        return dataclasses.replace(config, **changes)
+    except CnnmodError as e:
+        raise SystemExit(f"error: {text}: {e}") from None
 
 
 def main() -> None:

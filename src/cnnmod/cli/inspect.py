@@ -64,7 +64,7 @@ def _inspect_store(path: Path, as_json: bool) -> None:
         lines.append(f"method: --method auto took {store.provenance['chosen_by']}")
     if isinstance(store.provenance.get("cost"), dict):
         lines.append(_cost_line(store.provenance["cost"]))
-    if "held_out" in store.provenance and store.provenance["held_out"] is not None:
+    if store.provenance.get("held_out") is not None:
         lines.append(_held_out_line(store.provenance["held_out"]))
     lines.append(f"parent: {parent_size['parameters']} parameters, {parent_size['macs']} MACs per image, "
                  f"{parent_size['file_bytes']} bytes")
